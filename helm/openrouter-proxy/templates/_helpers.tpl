@@ -1,0 +1,305 @@
+{{/*
+Names. The chart name is spelled out rather than read from .Chart, so the names come out the same
+when the templates are included from a parent chart's context.
+*/}}
+{{- define "openrouter-proxy.name" -}}
+{{- default "openrouter-proxy" .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "openrouter-proxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "openrouter-proxy.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "openrouter-proxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "openrouter-proxy.labels" -}}
+helm.sh/chart: {{ include "openrouter-proxy.chart" . }}
+{{ include "openrouter-proxy.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "openrouter-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "openrouter-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "openrouter-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "openrouter-proxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the chart renders the application's Deployment with the proxy as its sidecar. */}}
+{{- define "openrouter-proxy.isSidecar" -}}
+{{- if .Values.app.image.repository }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the proxy shares a pod with an application, here or in a parent chart. */}}
+{{- define "openrouter-proxy.inAppPod" -}}
+{{- if or .Values.app.image.repository (not .Values.workload.enabled) }}true{{ end }}
+{{- end }}
+
+{{- define "openrouter-proxy.configMapName" -}}
+{{- printf "%s-config" (include "openrouter-proxy.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "openrouter-proxy.secretName" -}}
+{{- if .Values.existingSecret }}
+{{- .Values.existingSecret }}
+{{- else }}
+{{- include "openrouter-proxy.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{- define "openrouter-proxy.secretKey" -}}
+{{- if .Values.existingSecret }}{{ .Values.existingSecretKey }}{{ else }}api-key{{ end }}
+{{- end }}
+
+{{/* No key was given: the Secret is referenced as optional so the pod starts (and stays unready). */}}
+{{- define "openrouter-proxy.secretOptional" -}}
+{{- if and (not .Values.apiKey) (not .Values.existingSecret) }}true{{ else }}false{{ end }}
+{{- end }}
+
+{{- define "openrouter-proxy.configDir" -}}/etc/openrouter-proxy{{- end }}
+{{- define "openrouter-proxy.secretDir" -}}/var/run/secrets/openrouter{{- end }}
+
+{{- define "openrouter-proxy.image" -}}
+{{- $tag := .Values.image.tag }}
+{{- if not $tag }}
+{{- $tag = .Chart.AppVersion }}
+{{- end }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/*
+Seconds in a duration string of the forms the schema allows ("30s", "1m30s", "500ms"),
+rounded up to whole seconds.
+*/}}
+{{- define "openrouter-proxy.durationSeconds" -}}
+{{- $ms := 0 }}
+{{- range regexFindAll "[0-9]+(ms|h|m|s)" (toString .) -1 }}
+{{- $n := regexFind "^[0-9]+" . | int }}
+{{- if hasSuffix "ms" . }}{{ $ms = add $ms $n }}
+{{- else if hasSuffix "h" . }}{{ $ms = add $ms (mul $n 3600000) }}
+{{- else if hasSuffix "m" . }}{{ $ms = add $ms (mul $n 60000) }}
+{{- else }}{{ $ms = add $ms (mul $n 1000) }}
+{{- end }}
+{{- end }}
+{{- div (add $ms 999) 1000 }}
+{{- end }}
+
+{{- define "openrouter-proxy.terminationGracePeriodSeconds" -}}
+{{- $server := .Values.config.server | default dict }}
+{{- $grace := include "openrouter-proxy.durationSeconds" ($server.shutdown_grace | default "30s") | int }}
+{{- $drain := include "openrouter-proxy.durationSeconds" ($server.drain_delay | default "5s") | int }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $drain $grace 10 }}
+{{- else if le (int .Values.terminationGracePeriodSeconds) (add $drain $grace) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed drain_delay + shutdown_grace (%d seconds)" (int .Values.terminationGracePeriodSeconds) (add $drain $grace)) }}
+{{- else }}
+{{- .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+TOML rendering. Helm reads numbers in values as floats, so whole numbers are printed as integers;
+strings are JSON-quoted, which is also a valid TOML basic string.
+*/}}
+{{- define "openrouter-proxy.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
+{{- end }}
+
+{{- define "openrouter-proxy.tomlValue" -}}
+{{- $v := . }}
+{{- if kindIs "string" $v }}{{ toJson $v }}
+{{- else if kindIs "bool" $v }}{{ $v }}
+{{- else if or (kindIs "float64" $v) (kindIs "int64" $v) (kindIs "int" $v) }}
+{{- if eq (float64 $v) (float64 (int64 $v)) }}{{ int64 $v }}{{ else }}{{ $v }}{{ end }}
+{{- else if kindIs "slice" $v }}[{{ range $i, $e := $v }}{{ if $i }}, {{ end }}{{ include "openrouter-proxy.tomlValue" $e }}{{ end }}]
+{{- else if and (kindIs "map" $v) (not $v) }}{}
+{{- else if kindIs "map" $v }}{ {{- range $i, $k := keys $v | sortAlpha }}{{ if $i }},{{ end }} {{ include "openrouter-proxy.tomlKey" $k }} = {{ include "openrouter-proxy.tomlValue" (index $v $k) }}{{ end }} }
+{{- else }}{{ fail (printf "proxy.toml: cannot render %v (%s)" $v (kindOf $v)) }}
+{{- end }}
+{{- end }}
+
+{{/* One table body: "key = value" lines, nested tables as inline tables. */}}
+{{- define "openrouter-proxy.tomlBody" -}}
+{{- range $k := keys . | sortAlpha }}
+{{- $v := index $ $k }}
+{{- if not (kindIs "invalid" $v) }}
+{{ include "openrouter-proxy.tomlKey" $k }} = {{ include "openrouter-proxy.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The structured `config` values with the keys the chart owns filled in. */}}
+{{- define "openrouter-proxy.configData" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- $bind := "0.0.0.0" }}
+{{- if include "openrouter-proxy.inAppPod" . }}{{ $bind = "127.0.0.1" }}{{ end }}
+{{- $server := $cfg.server | default dict }}
+{{- $_ := set $server "listen" (printf "%s:%d" $bind (int .Values.ports.http)) }}
+{{- $_ = set $server "admin_listen" (printf "0.0.0.0:%d" (int .Values.ports.admin)) }}
+{{- $_ = set $cfg "server" $server }}
+{{- $upstream := $cfg.upstream | default dict }}
+{{- if eq .Values.apiKeySource "file" }}
+{{- $_ = set $upstream "api_key_file" (printf "%s/api-key" (include "openrouter-proxy.secretDir" .)) }}
+{{- else }}
+{{- $_ = set $upstream "api_key_env" "OPENROUTER_API_KEY" }}
+{{- end }}
+{{- $_ = set $cfg "upstream" $upstream }}
+{{- toJson $cfg }}
+{{- end }}
+
+{{- define "openrouter-proxy.proxyToml" -}}
+{{- if .Values.rawConfig }}
+{{- .Values.rawConfig }}
+{{- else }}
+{{- $cfg := include "openrouter-proxy.configData" . | fromJson }}
+{{- $tables := list "server" "upstream" "fallback" "cache" "log" }}
+{{- range $k := keys $cfg | sortAlpha }}
+{{- if not (or (has $k $tables) (eq $k "routes")) }}{{ $tables = append $tables $k }}{{ end }}
+{{- end -}}
+# proxy.toml rendered by the openrouter-proxy chart from its `config` values.
+{{- range $t := $tables }}
+{{- $body := index $cfg $t }}
+{{- if $body }}
+
+[{{ $t }}]
+{{- include "openrouter-proxy.tomlBody" $body }}
+{{- end }}
+{{- end }}
+{{- range $route := $cfg.routes | default list }}
+
+[[routes]]
+{{- include "openrouter-proxy.tomlBody" $route }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The proxy container, as one item of a containers or initContainers list. Include it with the
+chart's context, from a parent chart: (index .Subcharts "openrouter-proxy").
+With sidecar.native it carries restartPolicy: Always and belongs in initContainers.
+*/}}
+{{- define "openrouter-proxy.sidecar" -}}
+- name: openrouter-proxy
+  image: {{ include "openrouter-proxy.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  {{- if and .Values.sidecar.native (include "openrouter-proxy.inAppPod" .) }}
+  restartPolicy: Always
+  {{- end }}
+  args:
+    - --config
+    - {{ include "openrouter-proxy.configDir" . }}/proxy.toml
+  ports:
+    - name: http
+      containerPort: {{ .Values.ports.http }}
+      protocol: TCP
+    - name: admin
+      containerPort: {{ .Values.ports.admin }}
+      protocol: TCP
+  {{- if or (eq .Values.apiKeySource "env") .Values.env }}
+  env:
+    {{- if eq .Values.apiKeySource "env" }}
+    - name: OPENROUTER_API_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ include "openrouter-proxy.secretName" . }}
+          key: {{ include "openrouter-proxy.secretKey" . }}
+          optional: {{ include "openrouter-proxy.secretOptional" . }}
+    {{- end }}
+    {{- with .Values.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+  startupProbe:
+    httpGet:
+      path: /healthz
+      port: admin
+    periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+    failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: admin
+    periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+    timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+    failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: admin
+    periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+    timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
+    failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+  {{- with .Values.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    - name: openrouter-proxy-config
+      mountPath: {{ include "openrouter-proxy.configDir" . }}
+      readOnly: true
+    {{- if eq .Values.apiKeySource "file" }}
+    - name: openrouter-proxy-api-key
+      mountPath: {{ include "openrouter-proxy.secretDir" . }}
+      readOnly: true
+    {{- end }}
+{{- end }}
+
+{{/*
+The proxy's volumes, as items of a pod's volumes list. Both are mounted as directories (never
+subPath) so ConfigMap and Secret updates reach the running proxy.
+*/}}
+{{- define "openrouter-proxy.sidecarVolumes" -}}
+- name: openrouter-proxy-config
+  configMap:
+    name: {{ include "openrouter-proxy.configMapName" . }}
+{{- if eq .Values.apiKeySource "file" }}
+- name: openrouter-proxy-api-key
+  secret:
+    secretName: {{ include "openrouter-proxy.secretName" . }}
+    optional: {{ include "openrouter-proxy.secretOptional" . }}
+    items:
+      - key: {{ include "openrouter-proxy.secretKey" . }}
+        path: api-key
+{{- end }}
+{{- end }}
+
+{{/*
+Environment for the application container: OpenAI SDKs read OPENAI_BASE_URL, and need some
+OPENAI_API_KEY even though the proxy replaces it with the real key.
+*/}}
+{{- define "openrouter-proxy.appEnv" -}}
+- name: OPENAI_BASE_URL
+  value: {{ printf "http://127.0.0.1:%d/v1" (int .Values.ports.http) | quote }}
+- name: OPENAI_API_KEY
+  value: unused
+{{- end }}
+
+{{/* Selector of the rendered workload's pods: the proxy alone, or the application with it. */}}
+{{- define "openrouter-proxy.workloadSelectorLabels" -}}
+{{ include "openrouter-proxy.selectorLabels" . }}
+app.kubernetes.io/component: {{ if include "openrouter-proxy.isSidecar" . }}app{{ else }}proxy{{ end }}
+{{- end }}

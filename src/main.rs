@@ -1,0 +1,138 @@
+//! The `openrouter-proxy` command: flags, start-up, signal handling.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use openrouter_proxy::config::LogFormat;
+use openrouter_proxy::{serve, Config, Listeners};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+usage: openrouter-proxy [--config PATH] [--check]
+
+  --config PATH   the proxy.toml to load (default: proxy.toml)
+  --check         validate the config and exit (0 valid, 1 invalid)
+  --version       print the version
+  --help          print this help
+
+The upstream API key is read from the environment variable named by
+upstream.api_key_env (default OPENROUTER_API_KEY) or from upstream.api_key_file.";
+
+struct Args {
+    config: PathBuf,
+    check: bool,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    let mut args = Args {
+        config: PathBuf::from("proxy.toml"),
+        check: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--config" | "-c" => {
+                args.config = it.next().ok_or("--config needs a path")?.into();
+            }
+            _ if arg.starts_with("--config=") => {
+                args.config = arg["--config=".len()..].into();
+            }
+            "--check" => args.check = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "--version" | "-V" => {
+                println!("openrouter-proxy {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            other => return Err(format!("unknown argument \"{other}\"\n\n{USAGE}")),
+        }
+    }
+    Ok(Some(args))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(args)) => args,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("openrouter-proxy: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("openrouter-proxy: invalid config: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("openrouter-proxy: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("openrouter-proxy: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let listeners = Listeners {
+        api: bind(config.server.listen).await?,
+        admin: bind(config.server.admin_listen).await?,
+    };
+    let api = listeners.api.local_addr().map_err(|e| e.to_string())?;
+    let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(%api, %admin, upstream = %config.upstream.base_url, "listening");
+    serve(config, listeners, shutdown_signal()).await
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

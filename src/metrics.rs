@@ -1,0 +1,118 @@
+//! Metric names, the recording helpers the pipeline calls, and the Prometheus recorder the admin
+//! listener renders.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "openrouter_requests_total";
+pub const LATENCY: &str = "openrouter_request_latency_seconds";
+pub const TIME_TO_FIRST_BYTE: &str = "openrouter_time_to_first_byte_seconds";
+pub const TOKENS: &str = "openrouter_tokens_total";
+pub const COST: &str = "openrouter_cost_usd_total";
+pub const ACTIVE: &str = "openrouter_active_requests";
+pub const FALLBACKS: &str = "openrouter_fallbacks_total";
+pub const CACHE: &str = "openrouter_cache_requests_total";
+pub const RELOADS: &str = "openrouter_config_reloads_total";
+pub const UPSTREAM_ATTEMPTS: &str = "openrouter_upstream_attempts_total";
+
+/// LLM calls take from milliseconds (cache hits, embeddings) to minutes (long generations).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide Prometheus recorder, installed on first use. Several in-process servers (as in
+/// tests) share it.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(LATENCY.into()), LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(TIME_TO_FIRST_BYTE.into()), LATENCY_BUCKETS)
+            });
+        let recorder = match builder {
+            Ok(builder) => builder.build_recorder(),
+            // Only an empty bucket list fails, and ours are constants.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // A recorder installed earlier (by an embedding program) keeps working; ours then renders
+        // nothing, which is the embedding program's choice.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// Describes the families so `/metrics` carries HELP lines, and sets gauges to zero.
+pub fn describe() {
+    metrics::describe_counter!(REQUESTS, "Requests answered, by route, served model and status.");
+    metrics::describe_histogram!(LATENCY, metrics::Unit::Seconds, "Request duration until the last byte.");
+    metrics::describe_histogram!(
+        TIME_TO_FIRST_BYTE,
+        metrics::Unit::Seconds,
+        "Time from request start until the first response body byte reached the client."
+    );
+    metrics::describe_counter!(TOKENS, "Tokens reported by the upstream's usage, by model and type.");
+    metrics::describe_counter!(COST, "Cost in USD reported by the upstream's usage, by model.");
+    metrics::describe_gauge!(ACTIVE, "Requests in flight.");
+    metrics::describe_counter!(FALLBACKS, "Moves to the next model in a fallback chain.");
+    metrics::describe_counter!(CACHE, "Cache lookups by result.");
+    metrics::describe_counter!(RELOADS, "Config reloads by result.");
+    metrics::describe_counter!(UPSTREAM_ATTEMPTS, "Upstream attempts by model and outcome.");
+    gauge!(ACTIVE).set(0.0);
+}
+
+pub fn request_started() {
+    gauge!(ACTIVE).increment(1.0);
+}
+
+/// Records a finished request (answered, failed, or abandoned by the client).
+pub fn request_finished(
+    route: &str,
+    model: &str,
+    status: u16,
+    duration: Duration,
+    first_byte: Option<Duration>,
+) {
+    gauge!(ACTIVE).decrement(1.0);
+    let labels = [
+        ("route", route.to_owned()),
+        ("model", model.to_owned()),
+    ];
+    counter!(REQUESTS, "route" => route.to_owned(), "model" => model.to_owned(), "status" => status_label(status))
+        .increment(1);
+    histogram!(LATENCY, &labels).record(duration.as_secs_f64());
+    if let Some(first_byte) = first_byte {
+        histogram!(TIME_TO_FIRST_BYTE, &labels).record(first_byte.as_secs_f64());
+    }
+}
+
+pub fn upstream_attempt(model: &str, outcome: &'static str) {
+    counter!(UPSTREAM_ATTEMPTS, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

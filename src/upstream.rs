@@ -1,0 +1,148 @@
+//! The pooled upstream client (rustls, HTTP/2 via ALPN and HTTP/1.1) and where a request is sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+use http_body_util::Full;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::UpstreamConfig;
+
+/// The client every attempt goes through; cheap to clone, shares one connection pool.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the pooled client. TLS certificates are always verified, against the bundled webpki roots
+/// plus the system's roots where it has any.
+pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // A missing or unreadable system store is normal in a distroless image; the bundled roots remain.
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS set-up failed: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(1024)
+        .build(https))
+}
+
+/// A parsed `base_url`: where `/v1/<rest>` is sent.
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    scheme: Scheme,
+    authority: Authority,
+    /// The base path without a trailing slash, e.g. `/api/v1`.
+    prefix: String,
+}
+
+impl BaseUrl {
+    pub fn parse(text: &str) -> Result<BaseUrl, String> {
+        let uri: Uri = text
+            .parse()
+            .map_err(|e| format!("\"{text}\" is not a URL: {e}"))?;
+        let scheme = uri.scheme().cloned().ok_or("must start with https:// or http://")?;
+        if scheme != Scheme::HTTPS && scheme != Scheme::HTTP {
+            return Err(format!("scheme must be https or http, got \"{scheme}\""));
+        }
+        let authority = uri.authority().cloned().ok_or("must name a host")?;
+        if authority.as_str().contains('@') {
+            return Err("must not carry credentials; use api_key_env or api_key_file".into());
+        }
+        if uri.query().is_some() {
+            return Err("must not have a query string".into());
+        }
+        let prefix = uri.path().trim_end_matches('/').to_owned();
+        Ok(BaseUrl {
+            scheme,
+            authority,
+            prefix,
+        })
+    }
+
+    /// Maps the part of a client path after `/v1` (`rest` starts with `/` or is empty) plus its
+    /// query to the upstream URI. `rest` must already have passed [`check_path`].
+    pub fn join(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut path = String::with_capacity(self.prefix.len() + rest.len() + 1 + query.map_or(0, str::len));
+        path.push_str(&self.prefix);
+        path.push_str(rest);
+        if let Some(query) = query {
+            path.push('?');
+            path.push_str(query);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(PathAndQuery::try_from(path)?)
+            .build()
+    }
+}
+
+/// Rejects client paths that could leave `base_url`: dot segments, encoded slashes or dots, and
+/// backslashes, in any spelling.
+pub fn check_path(rest: &str) -> bool {
+    let lower = rest.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") || rest.contains('\\') {
+        return false;
+    }
+    !rest.split('/').any(|segment| segment == "." || segment == "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_under_the_base_path() {
+        let base = BaseUrl::parse("https://openrouter.ai/api/v1/").unwrap();
+        let uri = base.join("/chat/completions", Some("a=1")).unwrap();
+        assert_eq!(uri.to_string(), "https://openrouter.ai/api/v1/chat/completions?a=1");
+        let base = BaseUrl::parse("http://127.0.0.1:9").unwrap();
+        assert_eq!(base.join("/models", None).unwrap().to_string(), "http://127.0.0.1:9/models");
+    }
+
+    #[test]
+    fn rejects_escaping_paths() {
+        for bad in ["/../x", "/a/../../b", "/%2e%2e/x", "/a%2Fb", "/.", "/a\\..\\b"] {
+            assert!(!check_path(bad), "{bad}");
+        }
+        for good in ["/chat/completions", "", "/models/openai/gpt-4o", "/a..b"] {
+            assert!(check_path(good), "{good}");
+        }
+    }
+
+    #[test]
+    fn base_url_errors_are_clear() {
+        assert!(BaseUrl::parse("openrouter.ai").is_err());
+        assert!(BaseUrl::parse("ftp://x/y").is_err());
+        assert!(BaseUrl::parse("https://user:pw@x/y").is_err());
+    }
+}
