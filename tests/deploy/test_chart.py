@@ -1,0 +1,734 @@
+"""Offline checks of the Helm chart, the Dockerfile and the Grafana dashboard.
+
+The chart is linted and rendered by Helm's own Go code (the `helm_python` package bundles it), every
+rendered manifest is validated against the Kubernetes 1.33 OpenAPI schemas by `kubernetes-validate`,
+and the Dockerfile is linted by hadolint. No cluster, no Docker engine and no network are needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import helm_python
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "helm" / "openrouter-proxy"
+DOCKERFILE = REPO / "Dockerfile"
+DASHBOARD = CHART_DIR / "dashboards" / "openrouter-proxy.json"
+BIN = Path(sys.executable).parent
+KUBE_VERSION = "1.33.0"
+
+RELEASE = "orp"
+NAMESPACE = "ai"
+PROXY = "openrouter-proxy"
+ADMIN_PORT = 9090
+HTTP_PORT = 8080
+
+METRIC_FAMILIES = {
+    "openrouter_requests_total",
+    "openrouter_request_latency_seconds",
+    "openrouter_time_to_first_byte_seconds",
+    "openrouter_tokens_total",
+    "openrouter_cost_usd_total",
+    "openrouter_active_requests",
+    "openrouter_fallbacks_total",
+    "openrouter_cache_requests_total",
+    "openrouter_config_reloads_total",
+    "openrouter_upstream_attempts_total",
+    "openrouter_proxy_overhead_seconds",
+}
+
+APP = {"image": {"repository": "registry.example.com/shop/api", "tag": "1.4.2"},
+       "ports": [{"name": "http", "containerPort": 8000}]}
+
+ROUTES = [
+    {
+        "name": "fast",
+        "match": {"model": "fast", "headers": {"x-team": "search"}},
+        "model": "openai/gpt-4o-mini",
+        "fallbacks": ["anthropic/claude-3.5-haiku"],
+        "cache_ttl": "10m",
+        "set_headers": {"X-Title": "fast-lane"},
+        "remove_headers": ["x-team"],
+    },
+    {"name": "everything-else", "match": {"model": "openai/*"}},
+]
+
+VALUE_SETS: dict[str, dict] = {
+    "default": {},
+    "api-key": {"apiKey": "sk-or-test"},
+    "sidecar": {"apiKey": "sk-or-test", "app": APP, "sidecar": {"native": False}},
+    "native-sidecar": {"apiKey": "sk-or-test", "app": APP, "sidecar": {"native": True}},
+    "autoscaling-pdb": {
+        "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 6,
+                        "targetMemoryUtilizationPercentage": 80},
+        "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+    },
+    "existing-secret": {"existingSecret": "openrouter", "existingSecretKey": "token"},
+    "existing-secret-env": {"existingSecret": "openrouter", "existingSecretKey": "token",
+                            "apiKeySource": "env"},
+    "monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                   "dashboard": {"enabled": True, "annotations": {"grafana_folder": "LLM"}}},
+    "routes": {
+        "apiKey": "sk-or-test",
+        "config": {
+            "upstream": {"headers": {"HTTP-Referer": "https://example.com", "X-Title": "example-app"}},
+            "routes": ROUTES,
+        },
+    },
+    "embedded": {"workload": {"enabled": False}, "apiKey": "sk-or-test"},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="session")
+def chart():
+    with helm_python.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+def render_raw(chart, values: dict) -> dict[str, str]:
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+def render(chart, values: dict) -> list[dict]:
+    """Every Kubernetes object the chart renders for `values`."""
+    docs = []
+    for path, text in sorted(render_raw(chart, values).items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = find(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def pod_spec(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def proxy_container(spec: dict) -> dict:
+    found = [c for c in spec.get("containers", []) + spec.get("initContainers", []) if c["name"] == PROXY]
+    assert len(found) == 1
+    return found[0]
+
+
+def proxy_toml(docs: list[dict]) -> dict:
+    configmaps = [d for d in find(docs, "ConfigMap") if "proxy.toml" in d.get("data", {})]
+    assert len(configmaps) == 1
+    return tomllib.loads(configmaps[0]["data"]["proxy.toml"])
+
+
+def seconds(duration: str) -> float:
+    total = 0.0
+    for number, unit in re.findall(r"([0-9]+)(ms|h|m|s)", duration):
+        total += int(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return total
+
+
+def walk(node, key: str):
+    """Every value stored under `key` anywhere in a nested document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from walk(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# lint, render, validate
+
+
+def test_helm_bundles_its_library():
+    # The Go library ships inside the wheel, so rendering works without a helm binary or network.
+    assert Path(helm_python.library_path()).is_file()
+    assert helm_python.helm_sdk_version().startswith("v")
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_lint_is_clean(name):
+    report = helm_python.lint(CHART_DIR, VALUE_SETS[name], kube_version=f"v{KUBE_VERSION}")
+    assert not report["errors"], report
+    assert report["total_charts_linted"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_manifests_validate_against_kubernetes(chart, name, tmp_path):
+    rendered = render_raw(chart, VALUE_SETS[name])
+    files = []
+    for path, text in rendered.items():
+        if path.endswith(".yaml") and text.strip():
+            target = tmp_path / path.replace("/", "_")
+            target.write_text(text)
+            files.append(str(target))
+    assert files
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "-k", KUBE_VERSION, *files],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in result.stdout.splitlines():
+        # Only kinds outside core Kubernetes (ServiceMonitor) may lack a schema.
+        if line.startswith("WARN"):
+            assert "ServiceMonitor" in line, line
+
+
+def test_validator_rejects_unknown_fields(tmp_path):
+    # Guards the check above: strict validation does fail on a misspelt field.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndatta: {}\n")
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "-k", KUBE_VERSION, str(bad)],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_config_reaches_the_proxy_live(chart, name):
+    """Hot reload needs directory mounts and no restart-forcing checksum annotation."""
+    docs = render(chart, VALUE_SETS[name])
+    assert not list(walk(docs, "subPath"))
+    assert not list(walk(docs, "subPathExpr"))
+    for annotations in walk(docs, "annotations"):
+        assert not any(k.startswith("checksum/") for k in annotations or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# the standalone Deployment
+
+
+def test_default_install_is_a_standalone_deployment_and_service(chart):
+    docs = render(chart, {})
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    spec = pod_spec(docs)
+    assert [c["name"] for c in spec["containers"]] == [PROXY]
+    assert "initContainers" not in spec
+    assert "restartPolicy" not in spec["containers"][0]
+
+    service = one(docs, "Service")
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["http"]["port"] == HTTP_PORT and ports["http"]["targetPort"] == "http"
+    assert ports["admin"]["port"] == ADMIN_PORT
+    assert service["spec"]["selector"] == one(docs, "Deployment")["spec"]["selector"]["matchLabels"]
+
+
+def test_standalone_listens_on_all_interfaces(chart):
+    config = proxy_toml(render(chart, {}))
+    assert config["server"]["listen"] == f"0.0.0.0:{HTTP_PORT}"
+    assert config["server"]["admin_listen"] == f"0.0.0.0:{ADMIN_PORT}"
+
+
+@pytest.mark.parametrize("name", ["default", "native-sidecar", "sidecar"])
+def test_probes_use_the_admin_port(chart, name):
+    container = proxy_container(pod_spec(render(chart, VALUE_SETS[name])))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": HTTP_PORT, "admin": ADMIN_PORT}
+    expected = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
+    for probe, path in expected.items():
+        assert container[probe]["httpGet"] == {"path": path, "port": "admin"}
+
+
+@pytest.mark.parametrize("name", ["default", "native-sidecar", "sidecar"])
+def test_proxy_container_is_locked_down(chart, name):
+    docs = render(chart, VALUE_SETS[name])
+    container = proxy_container(pod_spec(docs))
+    sc = container["securityContext"]
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == 65532
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["limits"]["memory"]
+    assert container["args"] == ["--config", "/etc/openrouter-proxy/proxy.toml"]
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, 45),
+        ({"config": {"server": {"shutdown_grace": "1m30s", "drain_delay": "500ms"}}}, 101),
+        ({"terminationGracePeriodSeconds": 120}, 120),
+    ],
+)
+def test_termination_grace_exceeds_the_proxy_drain(chart, values, expected):
+    docs = render(chart, values)
+    period = pod_spec(docs)["terminationGracePeriodSeconds"]
+    server = proxy_toml(docs)["server"]
+    assert period == expected
+    assert period > seconds(server["shutdown_grace"]) + seconds(server["drain_delay"])
+
+
+def test_termination_grace_too_short_is_refused(chart):
+    with pytest.raises(helm_python.HelmRenderError, match="must exceed"):
+        render(chart, {"terminationGracePeriodSeconds": 30})
+
+
+# ---------------------------------------------------------------------------------------------
+# the sidecar shape
+
+
+def test_native_sidecar_is_an_always_restarting_init_container(chart):
+    docs = render(chart, VALUE_SETS["native-sidecar"])
+    spec = pod_spec(docs)
+    assert spec["initContainers"][0]["name"] == PROXY
+    assert spec["initContainers"][0]["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+
+
+def test_plain_sidecar_is_a_second_container(chart):
+    spec = pod_spec(render(chart, VALUE_SETS["sidecar"]))
+    assert "initContainers" not in spec
+    assert [c["name"] for c in spec["containers"]] == ["app", PROXY]
+    assert "restartPolicy" not in spec["containers"][1]
+
+
+@pytest.mark.parametrize("name", ["sidecar", "native-sidecar"])
+def test_app_is_pointed_at_the_proxy(chart, name):
+    docs = render(chart, VALUE_SETS[name])
+    app = next(c for c in pod_spec(docs)["containers"] if c["name"] == "app")
+    env = {e["name"]: e.get("value") for e in app["env"]}
+    assert env["OPENAI_BASE_URL"] == f"http://127.0.0.1:{HTTP_PORT}/v1"
+    assert env["OPENAI_API_KEY"] == "unused"
+    assert app["image"] == "registry.example.com/shop/api:1.4.2"
+    # The key never reaches the application container.
+    assert "OPENROUTER_API_KEY" not in env
+    assert "volumeMounts" not in app
+
+
+def test_sidecar_listens_on_loopback_only(chart):
+    docs = render(chart, VALUE_SETS["native-sidecar"])
+    config = proxy_toml(docs)
+    assert config["server"]["listen"] == f"127.0.0.1:{HTTP_PORT}"
+    # Kubelet probes and Prometheus reach the admin port on the pod IP.
+    assert config["server"]["admin_listen"] == f"0.0.0.0:{ADMIN_PORT}"
+    ports = {p["name"]: p["port"] for p in one(docs, "Service")["spec"]["ports"]}
+    assert ports == {"http": 8000, "admin": ADMIN_PORT}
+
+
+def test_app_env_can_override_the_defaults(chart):
+    values = {"app": {**APP, "env": [{"name": "OPENAI_API_KEY", "value": "placeholder"},
+                                     {"name": "LOG_LEVEL", "value": "debug"}]}}
+    app = pod_spec(render(chart, values))["containers"][0]
+    names = [e["name"] for e in app["env"]]
+    assert names == ["OPENAI_BASE_URL", "OPENAI_API_KEY", "LOG_LEVEL"]
+    assert app["env"][1]["value"] == "placeholder"
+
+
+def test_native_sidecar_refused_on_old_clusters():
+    report = helm_python.lint(CHART_DIR, VALUE_SETS["native-sidecar"], kube_version="v1.28.0")
+    assert any("sidecar.native needs Kubernetes >= 1.29" in e for e in report["errors"]), report
+    report = helm_python.lint(CHART_DIR, VALUE_SETS["sidecar"], kube_version="v1.28.0")
+    assert not report["errors"], report
+
+
+def test_parent_chart_can_include_the_sidecar(tmp_path):
+    """The README's example: another chart vendors this one and includes its templates."""
+    parent = tmp_path / "shop"
+    (parent / "templates").mkdir(parents=True)
+    shutil.copytree(CHART_DIR, parent / "charts" / PROXY)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: shop\nversion: 1.0.0\n"
+        "dependencies:\n  - name: openrouter-proxy\n    version: 0.1.0\n"
+    )
+    (parent / "values.yaml").write_text(
+        "openrouter-proxy:\n  workload:\n    enabled: false\n  apiKey: sk-or-test\n"
+    )
+    readme = (CHART_DIR / "README.md").read_text()
+    example = re.search(r"```yaml\n(# templates/deployment\.yaml.*?)```", readme, re.S)
+    assert example, "README.md lacks the parent-chart example"
+    (parent / "templates" / "deployment.yaml").write_text(example.group(1))
+
+    report = helm_python.lint(parent)
+    assert not report["errors"], report
+    with helm_python.Chart.load(parent) as loaded:
+        docs = render(loaded, {})
+    deployment = one(docs, "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["initContainers"][0]["name"] == PROXY
+    assert spec["initContainers"][0]["restartPolicy"] == "Always"
+    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+    assert env["OPENAI_BASE_URL"] == f"http://127.0.0.1:{HTTP_PORT}/v1"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    configmap = one([d for d in docs if d["kind"] == "ConfigMap"], "ConfigMap")
+    assert volumes["openrouter-proxy-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert volumes["openrouter-proxy-api-key"]["secret"]["secretName"] == one(docs, "Secret")["metadata"]["name"]
+    assert spec["terminationGracePeriodSeconds"] == 45
+    assert proxy_toml(docs)["server"]["listen"] == f"127.0.0.1:{HTTP_PORT}"
+    assert not find(docs, "Service")
+
+
+def test_embedded_renders_only_config_and_secret(chart):
+    docs = render(chart, VALUE_SETS["embedded"])
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Secret"]
+
+
+# ---------------------------------------------------------------------------------------------
+# proxy.toml and the key
+
+
+def test_proxy_toml_has_the_documented_keys(chart):
+    config = proxy_toml(render(chart, VALUE_SETS["routes"]))
+    assert set(config["server"]) >= {"listen", "admin_listen", "max_body_bytes", "shutdown_grace"}
+    assert config["server"]["max_body_bytes"] == 10485760
+    upstream = config["upstream"]
+    assert upstream["base_url"] == "https://openrouter.ai/api/v1"
+    assert upstream["connect_timeout"] == "5s" and upstream["first_byte_timeout"] == "60s"
+    assert upstream["headers"] == {"HTTP-Referer": "https://example.com", "X-Title": "example-app"}
+    assert config["fallback"] == {"on_status": [500, 502, 503, 504], "max_attempts": 3}
+    assert config["cache"] == {"max_bytes": 268435456}
+    assert config["routes"] == ROUTES
+
+
+def test_proxy_toml_numbers_stay_integers(chart):
+    config = proxy_toml(render(chart, {"config": {"cache": {"max_bytes": 1073741824}}}))
+    assert config["cache"]["max_bytes"] == 1073741824
+    assert isinstance(config["fallback"]["max_attempts"], int)
+
+
+def test_strings_are_escaped(chart):
+    tricky = 'a "quoted" \\ value\nwith a newline'
+    values = {"config": {"upstream": {"headers": {"X-Title": tricky, "weird key": "v"}}}}
+    config = proxy_toml(render(chart, values))
+    assert config["upstream"]["headers"] == {"X-Title": tricky, "weird key": "v"}
+
+
+def test_raw_config_is_used_verbatim(chart):
+    raw = '[server]\nlisten = "0.0.0.0:8080"\nadmin_listen = "0.0.0.0:9090"\n'
+    docs = render(chart, {"rawConfig": raw})
+    configmap = one(docs, "ConfigMap")
+    assert configmap["data"]["proxy.toml"].strip() == raw.strip()
+
+
+def test_key_file_is_mounted_where_the_config_points(chart):
+    docs = render(chart, VALUE_SETS["api-key"])
+    key_file = Path(proxy_toml(docs)["upstream"]["api_key_file"])
+    assert "api_key_env" not in proxy_toml(docs)["upstream"]
+    spec = pod_spec(docs)
+    mount = next(m for m in proxy_container(spec)["volumeMounts"] if m["name"] == "openrouter-proxy-api-key")
+    assert Path(mount["mountPath"]) == key_file.parent
+    volume = next(v for v in spec["volumes"] if v["name"] == "openrouter-proxy-api-key")
+    assert volume["secret"]["items"] == [{"key": "api-key", "path": key_file.name}]
+    assert volume["secret"]["optional"] is False
+    secret = one(docs, "Secret")
+    assert secret["metadata"]["name"] == volume["secret"]["secretName"]
+    assert base64.b64decode(secret["data"]["api-key"]).decode() == "sk-or-test"
+
+
+def test_existing_secret_is_referenced_not_created(chart):
+    docs = render(chart, VALUE_SETS["existing-secret"])
+    assert not find(docs, "Secret")
+    volume = next(v for v in pod_spec(docs)["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == "openrouter"
+    assert volume["secret"]["items"] == [{"key": "token", "path": "api-key"}]
+
+
+def test_key_from_environment(chart):
+    docs = render(chart, VALUE_SETS["existing-secret-env"])
+    upstream = proxy_toml(docs)["upstream"]
+    assert upstream["api_key_env"] == "OPENROUTER_API_KEY"
+    assert "api_key_file" not in upstream
+    container = proxy_container(pod_spec(docs))
+    env = {e["name"]: e for e in container["env"]}
+    assert env["OPENROUTER_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "openrouter", "key": "token", "optional": False}
+    assert all(v["name"] != "openrouter-proxy-api-key" for v in pod_spec(docs)["volumes"])
+
+
+def test_without_a_key_the_pod_still_starts(chart):
+    docs = render(chart, {})
+    assert not find(docs, "Secret")
+    volume = next(v for v in pod_spec(docs)["volumes"] if "secret" in v)
+    assert volume["secret"]["optional"] is True
+    notes = render_raw(chart, {})[f"{PROXY}/templates/NOTES.txt"]
+    assert "no API key configured" in notes
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling and monitoring
+
+
+def test_autoscaling_and_disruption_budget(chart):
+    docs = render(chart, VALUE_SETS["autoscaling-pdb"])
+    deployment = one(docs, "Deployment")
+    assert "replicas" not in deployment["spec"]
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    assert {m["resource"]["name"] for m in hpa["spec"]["metrics"]} == {"cpu", "memory"}
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_service_monitor_scrapes_the_admin_port(chart):
+    docs = render(chart, VALUE_SETS["monitoring"])
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "admin"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    service = one(docs, "Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    assert "admin" in {p["name"] for p in service["spec"]["ports"]}
+
+
+def test_dashboard_configmap_ships_the_dashboard(chart):
+    docs = render(chart, VALUE_SETS["monitoring"])
+    dashboards = [d for d in find(docs, "ConfigMap") if "openrouter-proxy.json" in d.get("data", {})]
+    assert len(dashboards) == 1
+    assert dashboards[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboards[0]["metadata"]["annotations"] == {"grafana_folder": "LLM"}
+    shipped = json.loads(dashboards[0]["data"]["openrouter-proxy.json"])
+    assert shipped == json.loads(DASHBOARD.read_text())
+
+
+def test_monitoring_is_off_by_default(chart):
+    docs = render(chart, {})
+    assert not find(docs, "ServiceMonitor")
+    assert all("openrouter-proxy.json" not in d.get("data", {}) for d in find(docs, "ConfigMap"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the values schema
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"replicaCount": -1},
+        {"replicaCount": "two"},
+        {"apiKeySource": "vault"},
+        {"unknownTopLevel": True},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"ports": {"http": 0, "admin": 9090}},
+        {"ports": {"http": "8080", "admin": 9090}},
+        {"service": {"type": "Ingress"}},
+        {"sidecar": {"native": "yes"}},
+        {"autoscaling": {"enabled": True, "minReplicas": 0}},
+        {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": 1}},
+        {"config": {"server": {"shutdown_grace": "thirty seconds"}}},
+        {"config": {"server": {"listen": "0.0.0.0:1"}}},
+        {"config": {"upstream": {"api_key_env": "OTHER"}}},
+        {"config": {"fallback": {"max_atempts": 3}}},
+        {"config": {"fallback": {"on_status": [700]}}},
+        {"config": {"log": {"format": "xml"}}},
+        {"config": {"routes": [{"model": "openai/gpt-4o"}]}},
+        {"config": {"routes": [{"name": "r", "cache_ttl": 600}]}},
+        {"terminationGracePeriodSeconds": -5},
+        {"app": {"image": {"repository": "x"}, "ports": [{"containerPort": 80}]}},
+    ],
+)
+def test_schema_rejects_bad_values(chart, values):
+    with pytest.raises(helm_python.HelmValuesError):
+        render_raw(chart, values)
+
+
+def test_schema_accepts_every_value_set(chart):
+    for values in VALUE_SETS.values():
+        chart.validate_schema(values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dockerfile
+
+
+def test_hadolint_is_clean():
+    result = subprocess.run(
+        [str(BIN / "hadolint"), "--no-color", str(DOCKERFILE)],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_shape():
+    instructions = dockerfile_instructions()
+    froms = [rest for kw, rest in instructions if kw == "FROM"]
+    assert len(froms) == 2
+    assert froms[0].startswith("rust:1.95")
+    assert froms[1].startswith("gcr.io/distroless/cc-debian12:nonroot")
+    runtime = instructions[[kw for kw, _ in instructions].index("FROM", 1):]
+    assert ("USER", "65532:65532") in runtime
+    assert not any(kw == "RUN" for kw, _ in runtime), "the runtime stage has no shell"
+    exposed = {p for kw, rest in runtime if kw == "EXPOSE" for p in rest.split()}
+    assert exposed == {"8080", "9090"}
+    entrypoint = json.loads(next(rest for kw, rest in runtime if kw == "ENTRYPOINT"))
+    cmd = json.loads(next(rest for kw, rest in runtime if kw == "CMD"))
+    assert entrypoint == ["/usr/local/bin/openrouter-proxy"]
+    assert cmd == ["--config", "/etc/openrouter-proxy/proxy.toml"]
+
+    # Dependencies build from the manifest alone before the sources arrive.
+    copies = [rest for kw, rest in instructions if kw == "COPY"]
+    assert copies.index("Cargo.toml Cargo.lock ./") < copies.index("src ./src")
+    builds = [i for i, (kw, rest) in enumerate(instructions) if kw == "RUN" and "cargo build --release --locked" in rest]
+    assert len(builds) == 2
+    assert instructions.index(("COPY", "src ./src")) > builds[0]
+
+
+def dockerfile_run(marker: str) -> str:
+    return next(rest for kw, rest in dockerfile_instructions() if kw == "RUN" and marker in rest)
+
+
+CONTRACT_EXAMPLE = """\
+[server]
+listen = "127.0.0.1:8080"        # the OpenAI-compatible API, under /v1
+admin_listen = "127.0.0.1:9090"  # /metrics, /healthz, /readyz
+max_body_bytes = 10485760
+shutdown_grace = "30s"
+
+[upstream]
+base_url = "https://openrouter.ai/api/v1"
+api_key_env = "OPENROUTER_API_KEY"
+"""
+
+
+@pytest.mark.parametrize("source", ["contract", "repo"])
+def test_image_config_listens_on_all_interfaces(tmp_path, source):
+    """Runs the Dockerfile's own command that derives the image's config from proxy.toml."""
+    if source == "repo":
+        if not (REPO / "proxy.toml").exists():
+            pytest.skip("no proxy.toml at the repository root yet")
+        example = (REPO / "proxy.toml").read_text()
+    else:
+        example = CONTRACT_EXAMPLE
+    (tmp_path / "proxy.toml").write_text(example)
+    command = dockerfile_run("proxy.container.toml")
+    subprocess.run(["sh", "-c", command], cwd=tmp_path, check=True)
+    derived = tomllib.loads((tmp_path / "proxy.container.toml").read_text())
+    original = tomllib.loads(example)
+    assert derived["server"]["listen"] == original["server"]["listen"].replace("127.0.0.1", "0.0.0.0")
+    assert derived["server"]["admin_listen"].startswith("0.0.0.0:")
+    original["server"].pop("listen"), original["server"].pop("admin_listen")
+    derived["server"].pop("listen"), derived["server"].pop("admin_listen")
+    assert derived == original
+
+
+def test_dependency_layer_drops_only_bench_and_test_targets(tmp_path):
+    manifest = (
+        '[package]\nname = "x"\nversion = "0.1.0"\n\n[[bin]]\nname = "x"\npath = "src/main.rs"\n\n'
+        '[[bench]]\nname = "load"\nharness = false\n\n[dependencies]\nserde = "1"\n\n'
+        '[[test]]\nname = "it"\npath = "tests/it.rs"\n\n[profile.release]\nlto = "fat"\n'
+    )
+    (tmp_path / "Cargo.toml").write_text(manifest)
+    awk = dockerfile_run("cargo build").split("&&")[0]
+    subprocess.run(["sh", "-c", awk], cwd=tmp_path, check=True)
+    stripped = tomllib.loads((tmp_path / "Cargo.image.toml").read_text())
+    full = tomllib.loads(manifest)
+    del full["bench"], full["test"]
+    assert stripped == full
+
+
+def test_dockerignore_admits_what_the_build_copies():
+    allowed = {line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    assert allowed == {"Cargo.toml", "Cargo.lock", "src", "proxy.toml"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Grafana dashboard
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panel_exprs(dashboard: dict) -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p.get("targets", [])]
+
+
+def test_repo_root_dashboard_is_the_chart_copy():
+    root_copy = REPO / "dashboards" / "openrouter-proxy.json"
+    assert root_copy.is_symlink()
+    assert root_copy.resolve() == DASHBOARD.resolve()
+
+
+def test_dashboard_uses_a_datasource_variable(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    assert dashboard["uid"] and dashboard["title"]
+
+
+def test_dashboard_queries_use_only_known_metrics(dashboard):
+    queries = [expr for _, expr in panel_exprs(dashboard)]
+    queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = set()
+    for query in queries:
+        for name in re.findall(r"\bopenrouter_[a-z_]+", query):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert base in METRIC_FAMILIES, f"{name} in {query}"
+            used.add(base)
+    assert used == METRIC_FAMILIES
+
+
+def test_dashboard_has_the_expected_panels(dashboard):
+    exprs = panel_exprs(dashboard)
+    text = " ".join(f"{title} {expr}" for title, expr in exprs).lower()
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(openrouter_request_latency_seconds_bucket" in text
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(openrouter_time_to_first_byte_seconds_bucket" in text
+    assert 'status!~"2.."' in text
+    assert 'result="hit"' in text
+    assert "sum by (model, type) (rate(openrouter_tokens_total" in text
+    assert "rate(openrouter_cost_usd_total" in text and "* 3600" in text
+    titles = {title for title, _ in exprs}
+    for wanted in ("Fallbacks", "Cache hit ratio", "Active requests", "Config reloads",
+                   "Tokens/s by model", "Cost/hour by model"):
+        assert wanted in titles
+
+
+def test_dashboard_panels_do_not_overlap(dashboard):
+    cells = set()
+    for panel in dashboard["panels"]:
+        g = panel["gridPos"]
+        assert g["x"] + g["w"] <= 24
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, panel["title"]
+                cells.add((x, y))
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

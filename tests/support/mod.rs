@@ -1,0 +1,522 @@
+//! Test support: a scripted mock upstream on 127.0.0.1:0, the real proxy booted in-process on port
+//! 0 against it, and a small HTTP client.
+#![allow(dead_code, reason = "each test binary uses a different part of this module")]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on set-up errors")]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Generous bound for waits that succeed in milliseconds unless something is broken; it only
+/// turns a hang into a failure.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A request as the mock upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: http::Method,
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// One piece of a scripted streaming answer.
+pub enum Step {
+    Data(Bytes),
+    /// Abort the connection mid-body.
+    Cut,
+}
+
+/// What the mock answers.
+pub enum Reply {
+    Json(u16, String),
+    /// An SSE answer written at once.
+    Sse(Vec<String>),
+    /// An SSE answer whose pieces the test sends one by one; dropping the sender ends the body.
+    Stream(mpsc::Receiver<Step>, Option<oneshot::Sender<()>>),
+    /// The answer after a pause (for first-byte timeouts).
+    After(Duration, Box<Reply>),
+    /// Never answer.
+    Hang,
+}
+
+type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
+
+struct MockState {
+    handler: Box<Handler>,
+    requests: Mutex<Vec<Recorded>>,
+    arrived: Notify,
+    scripted: Mutex<VecDeque<Reply>>,
+}
+
+/// A scripted upstream on 127.0.0.1:0 that records what it receives.
+#[derive(Clone)]
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    state: Arc<MockState>,
+}
+
+impl MockUpstream {
+    /// Answers every request with `handler`, unless replies were queued with [`push`].
+    pub async fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> MockUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(MockState {
+            handler: Box::new(handler),
+            requests: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            scripted: Mutex::new(VecDeque::new()),
+        });
+        let served = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = served.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| answer(state.clone(), request));
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        MockUpstream { addr, state }
+    }
+
+    /// A mock that answers chat completions like OpenRouter does, echoing the model it was sent.
+    pub async fn openai_like() -> MockUpstream {
+        MockUpstream::start(openai_like_reply).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1", self.addr)
+    }
+
+    /// Queues a reply for the next request, ahead of the handler.
+    pub fn push(&self, reply: Reply) {
+        self.state.scripted.lock().unwrap().push_back(reply);
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Waits until at least `n` requests have arrived.
+    pub async fn wait_requests(&self, n: usize) -> Vec<Recorded> {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let notified = self.state.arrived.notified();
+                if self.request_count() >= n {
+                    return self.requests();
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("the upstream never received the expected requests")
+    }
+}
+
+async fn answer(
+    state: Arc<MockState>,
+    request: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let recorded = Recorded {
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts.headers,
+        body,
+    };
+    let scripted = state.scripted.lock().unwrap().pop_front();
+    let reply = scripted.unwrap_or_else(|| (state.handler)(&recorded));
+    state.requests.lock().unwrap().push(recorded);
+    state.arrived.notify_waiters();
+    Ok(render(reply).await)
+}
+
+fn render(reply: Reply) -> Pin<Box<dyn std::future::Future<Output = Response<MockBody>> + Send>> {
+    Box::pin(async move {
+        match reply {
+            Reply::Json(status, body) => {
+                let mut response = Response::new(MockBody::Full(Some(Bytes::from(body))));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                response
+            }
+            Reply::Sse(events) => sse_response(MockBody::Full(Some(Bytes::from(events.concat())))),
+            Reply::Stream(rx, closed) => sse_response(MockBody::Stream(rx, closed)),
+            Reply::After(pause, reply) => {
+                tokio::time::sleep(pause).await;
+                render(*reply).await
+            }
+            Reply::Hang => std::future::pending().await,
+        }
+    })
+}
+
+fn sse_response(body: MockBody) -> Response<MockBody> {
+    let mut response = Response::new(body);
+    response
+        .headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("cache-control", "no-cache".parse().unwrap());
+    response
+}
+
+/// The mock's response body. A stream tells its test when it is dropped, which is how the test
+/// sees the proxy cancel the upstream request.
+pub enum MockBody {
+    Full(Option<Bytes>),
+    Stream(mpsc::Receiver<Step>, Option<oneshot::Sender<()>>),
+}
+
+impl Drop for MockBody {
+    fn drop(&mut self) {
+        if let MockBody::Stream(_, closed) = self {
+            if let Some(closed) = closed.take() {
+                let _ = closed.send(());
+            }
+        }
+    }
+}
+
+impl Body for MockBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        match self.get_mut() {
+            MockBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            MockBody::Stream(rx, _) => match rx.poll_recv(cx) {
+                Poll::Ready(Some(Step::Data(bytes))) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Poll::Ready(Some(Step::Cut)) => {
+                    Poll::Ready(Some(Err(std::io::Error::other("scripted cut"))))
+                }
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// A controllable SSE answer: `(reply, sender, closed)`. Send `Step`s through `sender`; `closed`
+/// fires when the proxy drops the upstream response.
+pub fn stream_reply() -> (Reply, mpsc::Sender<Step>, oneshot::Receiver<()>) {
+    let (tx, rx) = mpsc::channel(16);
+    let (closed_tx, closed_rx) = oneshot::channel();
+    (Reply::Stream(rx, Some(closed_tx)), tx, closed_rx)
+}
+
+pub fn data(text: &str) -> Step {
+    Step::Data(Bytes::from(text.to_owned()))
+}
+
+/// An OpenAI chat-completion chunk event carrying `content`.
+pub fn chunk_event(model: &str, content: &str) -> String {
+    let chunk = serde_json::json!({
+        "id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": content}, "finish_reason": null}]
+    });
+    format!("data: {chunk}\n\n")
+}
+
+pub fn usage_event(model: &str, prompt: u64, completion: u64) -> String {
+    let chunk = serde_json::json!({
+        "id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion, "cost": 0.00042}
+    });
+    format!("data: {chunk}\n\n")
+}
+
+pub fn chat_completion(model: &str, content: &str) -> String {
+    serde_json::json!({
+        "id": "gen-1", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "cost": 0.0001}
+    })
+    .to_string()
+}
+
+/// OpenRouter-like answers: chat (JSON or SSE, with a processing comment and a usage chunk when
+/// asked), completions, embeddings and the model list.
+pub fn openai_like_reply(request: &Recorded) -> Reply {
+    let path = request.path_and_query.split('?').next().unwrap_or("");
+    let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+    let model = body["model"].as_str().unwrap_or("none").to_owned();
+    match path {
+        "/api/v1/chat/completions" if body["stream"] == true => {
+            let mut events = vec![": OPENROUTER PROCESSING\n\n".to_owned()];
+            for word in ["Hello", " from", " the", " mock"] {
+                events.push(chunk_event(&model, word));
+            }
+            let done = serde_json::json!({
+                "id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+            });
+            events.push(format!("data: {done}\n\n"));
+            if body["stream_options"]["include_usage"] == true {
+                events.push(usage_event(&model, 7, 4));
+            }
+            events.push("data: [DONE]\n\n".to_owned());
+            Reply::Sse(events)
+        }
+        "/api/v1/chat/completions" => Reply::Json(200, chat_completion(&model, "Hello from the mock")),
+        "/api/v1/completions" => Reply::Json(
+            200,
+            serde_json::json!({
+                "id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "text": "completed", "finish_reason": "stop", "logprobs": null}],
+                "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+            })
+            .to_string(),
+        ),
+        "/api/v1/embeddings" => Reply::Json(
+            200,
+            serde_json::json!({
+                "object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5, 1.0]}],
+                "usage": {"prompt_tokens": 2, "total_tokens": 2}
+            })
+            .to_string(),
+        ),
+        "/api/v1/models" => Reply::Json(
+            200,
+            serde_json::json!({
+                "object": "list",
+                "data": [
+                    {"id": "openai/gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"},
+                    {"id": "anthropic/claude-3.5-haiku", "object": "model", "created": 1, "owned_by": "anthropic"}
+                ]
+            })
+            .to_string(),
+        ),
+        _ => Reply::Json(404, r#"{"error":{"message":"no such path","code":404}}"#.to_owned()),
+    }
+}
+
+static NEXT_FILE: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes `contents` to a fresh file under the target directory and returns its path.
+pub fn temp_file(name: &str, contents: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "t{}-{}",
+        std::process::id(),
+        NEXT_FILE.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+pub const TEST_KEY: &str = "sk-or-test-0123456789abcdef";
+
+/// The proxy, running in-process on 127.0.0.1:0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+impl TestProxy {
+    /// Boots the proxy with `extra` config merged over a base that points at `upstream`, listens
+    /// on port 0, reads the test key from a file, and drains without delay.
+    pub async fn start(upstream: &MockUpstream, extra: &str) -> TestProxy {
+        let key_file = temp_file("api-key", &format!("{TEST_KEY}\n"));
+        let base = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n\
+             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+            upstream.url(),
+            key_file.display()
+        );
+        TestProxy::start_with_config(&merge_toml(&base, extra)).await
+    }
+
+    pub async fn start_with_config(text: &str) -> TestProxy {
+        let config = openrouter_proxy::Config::parse(text).unwrap();
+        let api = TcpListener::bind(config.server.listen).await.unwrap();
+        let admin = TcpListener::bind(config.server.admin_listen).await.unwrap();
+        let addr = api.local_addr().unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(openrouter_proxy::serve(
+            config,
+            openrouter_proxy::Listeners { api, admin },
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestProxy {
+            addr,
+            admin: admin_addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Starts the graceful shutdown and waits for `serve` to return.
+    pub async fn stop(mut self) -> Result<(), String> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(PATIENCE, task).await.unwrap().unwrap()
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends a request and returns the response with its body still unread.
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Response<Incoming> {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let request = builder.body(Full::new(body.into())).unwrap();
+    tokio::time::timeout(PATIENCE, client().request(request))
+        .await
+        .expect("the proxy did not answer in time")
+        .unwrap()
+}
+
+/// POSTs JSON and returns status, headers and the whole body.
+pub async fn post_json(url: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    let response = send("POST", url, &all, body.to_owned()).await;
+    read_all(response).await
+}
+
+pub async fn read_all(response: Response<Incoming>) -> (StatusCode, HeaderMap, Bytes) {
+    let (parts, body) = response.into_parts();
+    let bytes = tokio::time::timeout(PATIENCE, body.collect())
+        .await
+        .expect("the body did not end in time")
+        .unwrap()
+        .to_bytes();
+    (parts.status, parts.headers, bytes)
+}
+
+/// Reads the next body frame's data (skipping non-data frames); `None` at the end of the body.
+pub async fn next_data(body: &mut Incoming) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, body.frame())
+            .await
+            .expect("no frame arrived in time")?
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            return Some(data);
+        }
+    }
+}
+
+/// Reads body data until `needle` has been seen, returning everything read.
+pub async fn read_until(body: &mut Incoming, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        match next_data(body).await {
+            Some(data) => seen.push_str(std::str::from_utf8(&data).unwrap()),
+            None => panic!("the body ended before {needle:?} arrived; got {seen:?}"),
+        }
+    }
+    seen
+}
+
+pub fn error_json(body: &[u8]) -> serde_json::Value {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
+    assert!(value["error"]["message"].is_string(), "not an OpenAI error: {value}");
+    assert!(value["error"]["type"].is_string(), "not an OpenAI error: {value}");
+    assert!(value["error"]["code"].is_string(), "not an OpenAI error: {value}");
+    value
+}
+
+/// `extra` laid over `base`, table by table.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (key, value) in from {
+            match (into.get_mut(&key), value) {
+                (Some(toml::Value::Table(existing)), toml::Value::Table(value)) => merge(existing, value),
+                (_, value) => {
+                    into.insert(key, value);
+                }
+            }
+        }
+    }
+    let mut base: toml::Table = base.parse().unwrap();
+    merge(&mut base, extra.parse().unwrap());
+    toml::to_string(&base).unwrap()
+}
