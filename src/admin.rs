@@ -18,7 +18,10 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()));
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        ));
     }
     let response = match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -31,7 +34,10 @@ pub async fn handle(
             );
             response
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /healthz, /readyz or /metrics\n".into(),
+        ),
     };
     Ok(response)
 }
@@ -51,8 +57,9 @@ fn readiness(shared: &Shared) -> Response<ProxyBody> {
 fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }

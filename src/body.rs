@@ -117,7 +117,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_bodies() {
-        for bad in [&b"{"[..], b"[1]", b"{\"model\":1}", b"{\"stream\":\"yes\"}", b"", b"nul"] {
+        for bad in [
+            &b"{"[..],
+            b"[1]",
+            b"{\"model\":1}",
+            b"{\"stream\":\"yes\"}",
+            b"",
+            b"nul",
+        ] {
             assert!(JsonBody::parse(Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
         assert_eq!(

@@ -242,7 +242,9 @@ impl Config {
         crate::upstream::BaseUrl::parse(&u.base_url)
             .map_err(|e| format!("upstream.base_url: {e}"))?;
         if u.api_key_env.is_some() && u.api_key_file.is_some() {
-            return Err("upstream.api_key_file: set either api_key_env or api_key_file, not both".into());
+            return Err(
+                "upstream.api_key_file: set either api_key_env or api_key_file, not both".into(),
+            );
         }
         if u.api_key_env.as_deref() == Some("") {
             return Err("upstream.api_key_env: must not be empty".into());
@@ -279,7 +281,10 @@ impl Config {
                 return Err(format!("{at}.name: must not be empty"));
             }
             if !names.insert(route.name.as_str()) {
-                return Err(format!("{at}.name: duplicate route name \"{}\"", route.name));
+                return Err(format!(
+                    "{at}.name: duplicate route name \"{}\"",
+                    route.name
+                ));
             }
             let at = format!("routes[{i}] (\"{}\")", route.name);
             for model in route.model.iter().chain(&route.fallbacks) {
@@ -295,7 +300,9 @@ impl Config {
             }
             if let Some(path) = &route.matcher.path {
                 if !path.starts_with("/v1") {
-                    return Err(format!("{at}.match.path: must start with /v1, got \"{path}\""));
+                    return Err(format!(
+                        "{at}.match.path: must start with /v1, got \"{path}\""
+                    ));
                 }
             }
         }
@@ -348,7 +355,9 @@ mod humantime_serde {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration \"{text}\": {e} (use e.g. \"30s\", \"5m\")"))
+            serde::de::Error::custom(format!(
+                "invalid duration \"{text}\": {e} (use e.g. \"30s\", \"5m\")"
+            ))
         })
     }
 
@@ -388,9 +397,18 @@ mod tests {
             ("[upstream]\nbase_url = \"ftp://x\"", "upstream.base_url"),
             ("[fallback]\nmax_attempts = 0", "fallback.max_attempts"),
             ("[fallback]\non_status = [200]", "fallback.on_status"),
-            ("[[routes]]\nname = \"a\"\n[[routes]]\nname = \"a\"", "duplicate route name"),
-            ("[[routes]]\nname = \"a\"\nset_headers = { \"bad header\" = \"x\" }", "set_headers"),
-            ("[upstream]\napi_key_env = \"A\"\napi_key_file = \"/k\"", "api_key_file"),
+            (
+                "[[routes]]\nname = \"a\"\n[[routes]]\nname = \"a\"",
+                "duplicate route name",
+            ),
+            (
+                "[[routes]]\nname = \"a\"\nset_headers = { \"bad header\" = \"x\" }",
+                "set_headers",
+            ),
+            (
+                "[upstream]\napi_key_env = \"A\"\napi_key_file = \"/k\"",
+                "api_key_file",
+            ),
             ("[server]\nmax_body_bytes = -1", "max_body_bytes"),
         ];
         for (text, needle) in cases {

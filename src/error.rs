@@ -104,19 +104,30 @@ impl ProxyError {
 
     /// The OpenAI-shaped JSON error response.
     pub fn into_response(self) -> Response<ProxyBody> {
-        json_error(self.status(), &self.message(), self.error_type(), self.kind())
+        json_error(
+            self.status(),
+            &self.message(),
+            self.error_type(),
+            self.kind(),
+        )
     }
 }
 
 /// `{"error":{"message","type","param","code"}}` with the given status.
-pub fn json_error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<ProxyBody> {
+pub fn json_error(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    code: &str,
+) -> Response<ProxyBody> {
     let body = serde_json::json!({
         "error": { "message": message, "type": kind, "param": null, "code": code }
     });
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -49,15 +49,28 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// Describes the families so `/metrics` carries HELP lines, and sets gauges to zero.
 pub fn describe() {
-    metrics::describe_counter!(REQUESTS, "Requests answered, by route, served model and status.");
-    metrics::describe_histogram!(LATENCY, metrics::Unit::Seconds, "Request duration until the last byte.");
+    metrics::describe_counter!(
+        REQUESTS,
+        "Requests answered, by route, served model and status."
+    );
+    metrics::describe_histogram!(
+        LATENCY,
+        metrics::Unit::Seconds,
+        "Request duration until the last byte."
+    );
     metrics::describe_histogram!(
         TIME_TO_FIRST_BYTE,
         metrics::Unit::Seconds,
         "Time from request start until the first response body byte reached the client."
     );
-    metrics::describe_counter!(TOKENS, "Tokens reported by the upstream's usage, by model and type.");
-    metrics::describe_counter!(COST, "Cost in USD reported by the upstream's usage, by model.");
+    metrics::describe_counter!(
+        TOKENS,
+        "Tokens reported by the upstream's usage, by model and type."
+    );
+    metrics::describe_counter!(
+        COST,
+        "Cost in USD reported by the upstream's usage, by model."
+    );
     metrics::describe_gauge!(ACTIVE, "Requests in flight.");
     metrics::describe_counter!(FALLBACKS, "Moves to the next model in a fallback chain.");
     metrics::describe_counter!(CACHE, "Cache lookups by result.");
@@ -79,11 +92,8 @@ pub fn request_finished(
     first_byte: Option<Duration>,
 ) {
     gauge!(ACTIVE).decrement(1.0);
-    let labels = [
-        ("route", route.to_owned()),
-        ("model", model.to_owned()),
-    ];
-    counter!(REQUESTS, "route" => route.to_owned(), "model" => model.to_owned(), "status" => status_label(status))
+    let labels = [("route", route.to_owned()), ("model", model.to_owned())];
+    counter!(REQUESTS, "route" => route.to_owned(), "model" => model.to_owned(), "status" => status.to_string())
         .increment(1);
     histogram!(LATENCY, &labels).record(duration.as_secs_f64());
     if let Some(first_byte) = first_byte {
@@ -93,26 +103,4 @@ pub fn request_finished(
 
 pub fn upstream_attempt(model: &str, outcome: &'static str) {
     counter!(UPSTREAM_ATTEMPTS, "model" => model.to_owned(), "outcome" => outcome).increment(1);
-}
-
-fn status_label(status: u16) -> &'static str {
-    match status {
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        408 => "408",
-        413 => "413",
-        429 => "429",
-        499 => "499",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }

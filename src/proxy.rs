@@ -15,8 +15,8 @@ use hyper::body::Incoming;
 
 use crate::body::{BodyError, JsonBody};
 use crate::error::ProxyError;
-use crate::reload::Runtime;
 use crate::relay::{ProxyBody, RequestRecord};
+use crate::reload::Runtime;
 use crate::router::{RequestFacts, Route};
 use crate::upstream::UpstreamClient;
 
@@ -138,9 +138,7 @@ async fn forward(
         let outcome = send(shared, upstream_request, route.first_byte_timeout).await;
         let model_label = served_model.unwrap_or("");
         match outcome {
-            Ok(response)
-                if !is_last && runtime.fallback_on_status(response.status().as_u16()) =>
-            {
+            Ok(response) if !is_last && runtime.fallback_on_status(response.status().as_u16()) => {
                 crate::metrics::upstream_attempt(model_label, "fallback_status");
                 tracing::warn!(
                     request_id = %record.request_id,
@@ -177,7 +175,9 @@ async fn send(
 ) -> Result<Response<Incoming>, ProxyError> {
     match tokio::time::timeout(first_byte_timeout, shared.client.request(request)).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) if error.is_connect() => Err(ProxyError::UpstreamConnect(error_chain(&error))),
+        Ok(Err(error)) if error.is_connect() => {
+            Err(ProxyError::UpstreamConnect(error_chain(&error)))
+        }
         Ok(Err(error)) => Err(ProxyError::Upstream(error_chain(&error))),
         Err(_) => Err(ProxyError::UpstreamTimeout(first_byte_timeout)),
     }
@@ -185,7 +185,11 @@ async fn send(
 
 /// The upstream answer as the client receives it: same status, headers minus hop-by-hop ones,
 /// the body relayed frame by frame.
-fn relay(response: Response<Incoming>, served_model: Option<&str>, attempts: usize) -> Response<ProxyBody> {
+fn relay(
+    response: Response<Incoming>,
+    served_model: Option<&str>,
+    attempts: usize,
+) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     let event_stream = parts
@@ -196,7 +200,9 @@ fn relay(response: Response<Incoming>, served_model: Option<&str>, attempts: usi
     if let Some(model) = served_model.and_then(|m| HeaderValue::from_str(m).ok()) {
         parts.headers.insert(X_PROXY_MODEL.clone(), model);
     }
-    parts.headers.insert(X_PROXY_ATTEMPTS.clone(), HeaderValue::from(attempts));
+    parts
+        .headers
+        .insert(X_PROXY_ATTEMPTS.clone(), HeaderValue::from(attempts));
     Response::from_parts(parts, ProxyBody::upstream(body, event_stream))
 }
 
@@ -243,15 +249,24 @@ fn parse_json(
     headers: &HeaderMap,
     bytes: Bytes,
 ) -> Result<Option<JsonBody>, ProxyError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
     let says_json = content_type.is_some_and(|ct| {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         essence == "application/json" || essence.ends_with("+json")
     });
     let required = needs_model(method, rest);
     if required {
         if let Some(ct) = content_type.filter(|_| !says_json) {
-            return Err(ProxyError::UnsupportedContentType(ct.chars().take(100).collect()));
+            return Err(ProxyError::UnsupportedContentType(
+                ct.chars().take(100).collect(),
+            ));
         }
     } else if !says_json || bytes.is_empty() {
         return Ok(None);
@@ -337,7 +352,10 @@ mod tests {
 
     #[test]
     fn api_paths() {
-        assert_eq!(api_path("/v1/chat/completions").unwrap(), "/chat/completions");
+        assert_eq!(
+            api_path("/v1/chat/completions").unwrap(),
+            "/chat/completions"
+        );
         assert_eq!(api_path("/v1").unwrap(), "");
         assert!(matches!(api_path("/v2/x"), Err(ProxyError::UnknownPath)));
         assert!(matches!(api_path("/v1x"), Err(ProxyError::UnknownPath)));
@@ -347,7 +365,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("x-kept", HeaderValue::from_static("1"));

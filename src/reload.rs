@@ -43,7 +43,10 @@ impl Runtime {
             .cloned();
         if let Some((_, value)) = title {
             for alias in TITLE_HEADERS {
-                if !upstream_headers.iter().any(|(name, _)| name.as_str() == alias) {
+                if !upstream_headers
+                    .iter()
+                    .any(|(name, _)| name.as_str() == alias)
+                {
                     upstream_headers.push((HeaderName::from_static(alias), value.clone()));
                 }
             }
@@ -80,7 +83,10 @@ fn read_api_key(config: &Config) -> (Option<HeaderValue>, String) {
         }
         None => {
             let name = config.upstream.key_env();
-            (std::env::var(name).ok(), format!("environment variable {name}"))
+            (
+                std::env::var(name).ok(),
+                format!("environment variable {name}"),
+            )
         }
     };
     let key = key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());

@@ -28,7 +28,11 @@ pub struct Route {
 }
 
 impl Route {
-    fn compile(index: usize, config: &RouteConfig, default_timeout: Duration) -> Result<Route, String> {
+    fn compile(
+        index: usize,
+        config: &RouteConfig,
+        default_timeout: Duration,
+    ) -> Result<Route, String> {
         let at = format!("routes[{index}] (\"{}\")", config.name);
         let header_name = |name: &str, key: &str| {
             HeaderName::from_bytes(name.as_bytes())
@@ -44,8 +48,9 @@ impl Route {
             .set_headers
             .iter()
             .map(|(name, value)| {
-                let value = HeaderValue::from_str(value)
-                    .map_err(|_| format!("{at}.set_headers.\"{name}\": not a valid header value"))?;
+                let value = HeaderValue::from_str(value).map_err(|_| {
+                    format!("{at}.set_headers.\"{name}\": not a valid header value")
+                })?;
                 Ok((header_name(name, "set_headers")?, value))
             })
             .collect::<Result<_, String>>()?;
@@ -252,17 +257,29 @@ mod tests {
         let none = HeaderMap::new();
         let mut team = HeaderMap::new();
         team.insert("x-team", HeaderValue::from_static("a"));
-        assert_eq!(router.route(&facts(Some("openai/o1"), &team)).name.as_ref(), "team-a");
-        assert_eq!(router.route(&facts(Some("openai/o1"), &none)).name.as_ref(), "openai");
+        assert_eq!(
+            router.route(&facts(Some("openai/o1"), &team)).name.as_ref(),
+            "team-a"
+        );
+        assert_eq!(
+            router.route(&facts(Some("openai/o1"), &none)).name.as_ref(),
+            "openai"
+        );
         let fast = router.route(&facts(Some("fast"), &none));
         assert_eq!(
             fast.chain(),
-            vec![Some("openai/gpt-4o-mini"), Some("anthropic/claude-3.5-haiku")]
+            vec![
+                Some("openai/gpt-4o-mini"),
+                Some("anthropic/claude-3.5-haiku")
+            ]
         );
         let other = router.route(&facts(Some("mistral/x"), &none));
         assert_eq!(other.name.as_ref(), DEFAULT_ROUTE);
         assert_eq!(other.chain(), vec![None]);
-        assert_eq!(router.route(&facts(None, &none)).name.as_ref(), DEFAULT_ROUTE);
+        assert_eq!(
+            router.route(&facts(None, &none)).name.as_ref(),
+            DEFAULT_ROUTE
+        );
     }
 
     #[test]

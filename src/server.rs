@@ -33,8 +33,17 @@ pub async fn run(
     let settings = shared.runtime.load().config.server.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let admin = tokio::spawn(accept_admin(listeners.admin, shared.clone(), stop_rx.clone()));
-    let api = tokio::spawn(accept_api(listeners.api, shared.clone(), settings.clone(), stop_rx));
+    let admin = tokio::spawn(accept_admin(
+        listeners.admin,
+        shared.clone(),
+        stop_rx.clone(),
+    ));
+    let api = tokio::spawn(accept_api(
+        listeners.api,
+        shared.clone(),
+        settings.clone(),
+        stop_rx,
+    ));
 
     shutdown.await;
     shared.draining.store(true, Ordering::SeqCst);
@@ -55,8 +64,14 @@ pub async fn run(
         }
     };
     let open = graceful.count();
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(open, "shutdown grace period over: closing the remaining connections");
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open,
+            "shutdown grace period over: closing the remaining connections"
+        );
     } else {
         tracing::info!("all connections finished");
     }
@@ -134,7 +149,9 @@ async fn accept_admin(listener: TcpListener, shared: Arc<Shared>, stop: watch::R
         };
         let shared = shared.clone();
         let service = service_fn(move |request| crate::admin::handle(shared.clone(), request));
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
         tokio::spawn(async move {
             let _ = connection.await;
         });

@@ -69,7 +69,10 @@ impl BaseUrl {
         let uri: Uri = text
             .parse()
             .map_err(|e| format!("\"{text}\" is not a URL: {e}"))?;
-        let scheme = uri.scheme().cloned().ok_or("must start with https:// or http://")?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or("must start with https:// or http://")?;
         if scheme != Scheme::HTTPS && scheme != Scheme::HTTP {
             return Err(format!("scheme must be https or http, got \"{scheme}\""));
         }
@@ -91,7 +94,8 @@ impl BaseUrl {
     /// Maps the part of a client path after `/v1` (`rest` starts with `/` or is empty) plus its
     /// query to the upstream URI. `rest` must already have passed [`check_path`].
     pub fn join(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut path = String::with_capacity(self.prefix.len() + rest.len() + 1 + query.map_or(0, str::len));
+        let mut path =
+            String::with_capacity(self.prefix.len() + rest.len() + 1 + query.map_or(0, str::len));
         path.push_str(&self.prefix);
         path.push_str(rest);
         if let Some(query) = query {
@@ -110,10 +114,16 @@ impl BaseUrl {
 /// backslashes, in any spelling.
 pub fn check_path(rest: &str) -> bool {
     let lower = rest.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%2e") || rest.contains('\\') {
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%2e")
+        || rest.contains('\\')
+    {
         return false;
     }
-    !rest.split('/').any(|segment| segment == "." || segment == "..")
+    !rest
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
 }
 
 #[cfg(test)]
@@ -124,14 +134,27 @@ mod tests {
     fn joins_under_the_base_path() {
         let base = BaseUrl::parse("https://openrouter.ai/api/v1/").unwrap();
         let uri = base.join("/chat/completions", Some("a=1")).unwrap();
-        assert_eq!(uri.to_string(), "https://openrouter.ai/api/v1/chat/completions?a=1");
+        assert_eq!(
+            uri.to_string(),
+            "https://openrouter.ai/api/v1/chat/completions?a=1"
+        );
         let base = BaseUrl::parse("http://127.0.0.1:9").unwrap();
-        assert_eq!(base.join("/models", None).unwrap().to_string(), "http://127.0.0.1:9/models");
+        assert_eq!(
+            base.join("/models", None).unwrap().to_string(),
+            "http://127.0.0.1:9/models"
+        );
     }
 
     #[test]
     fn rejects_escaping_paths() {
-        for bad in ["/../x", "/a/../../b", "/%2e%2e/x", "/a%2Fb", "/.", "/a\\..\\b"] {
+        for bad in [
+            "/../x",
+            "/a/../../b",
+            "/%2e%2e/x",
+            "/a%2Fb",
+            "/.",
+            "/a\\..\\b",
+        ] {
             assert!(!check_path(bad), "{bad}");
         }
         for good in ["/chat/completions", "", "/models/openai/gpt-4o", "/a..b"] {

@@ -44,7 +44,8 @@ async fn rewrites_the_model_and_keeps_every_other_byte() {
     let upstream = MockUpstream::openai_like().await;
     let proxy = TestProxy::start(&upstream, ROUTES).await;
 
-    let (status, headers, body) = post_json(&proxy.url("/v1/chat/completions"), ODD_BODY, &[]).await;
+    let (status, headers, body) =
+        post_json(&proxy.url("/v1/chat/completions"), ODD_BODY, &[]).await;
     assert_eq!(status, 200, "{body:?}");
     assert_eq!(headers["x-proxy-model"], "openai/gpt-4o-mini");
     assert_eq!(headers["x-proxy-attempts"], "1");
@@ -85,15 +86,26 @@ async fn injects_the_key_and_edits_headers() {
     assert_eq!(status, 200);
 
     let sent = &upstream.requests()[0];
-    assert_eq!(sent.header("authorization"), Some(format!("Bearer {TEST_KEY}").as_str()));
+    assert_eq!(
+        sent.header("authorization"),
+        Some(format!("Bearer {TEST_KEY}").as_str())
+    );
     assert_eq!(sent.headers.get_all("authorization").iter().count(), 1);
     assert_eq!(sent.header("http-referer"), Some("https://example.com"));
-    assert_eq!(sent.header("x-title"), Some("fast-lane"), "the route overrides the global title");
+    assert_eq!(
+        sent.header("x-title"),
+        Some("fast-lane"),
+        "the route overrides the global title"
+    );
     assert_eq!(sent.header("x-openrouter-title"), Some("example-app"));
     assert_eq!(sent.header("x-extra"), Some("1"));
     assert_eq!(sent.header("x-kept"), Some("yes"));
     assert_eq!(sent.header("x-drop-me"), None);
-    assert_eq!(sent.header("x-hop"), None, "headers named in Connection are hop-by-hop");
+    assert_eq!(
+        sent.header("x-hop"),
+        None,
+        "headers named in Connection are hop-by-hop"
+    );
     assert!(sent.header("x-request-id").is_some());
 }
 
@@ -103,10 +115,15 @@ async fn glob_and_header_matching() {
     let proxy = TestProxy::start(&upstream, ROUTES).await;
     let body = r#"{"model":"openai/o3","messages":[]}"#;
 
-    let (_, headers, _) = post_json(&proxy.url("/v1/chat/completions"), body, &[("x-team", "a")]).await;
+    let (_, headers, _) =
+        post_json(&proxy.url("/v1/chat/completions"), body, &[("x-team", "a")]).await;
     assert_eq!(headers["x-proxy-model"], "openai/gpt-4o");
-    let (_, headers, _) = post_json(&proxy.url("/v1/chat/completions"), body, &[("x-team", "b")]).await;
-    assert_eq!(headers["x-proxy-model"], "openai/o3", "header mismatch: no route");
+    let (_, headers, _) =
+        post_json(&proxy.url("/v1/chat/completions"), body, &[("x-team", "b")]).await;
+    assert_eq!(
+        headers["x-proxy-model"], "openai/o3",
+        "header mismatch: no route"
+    );
 
     let sent = upstream.requests();
     assert_eq!(sent[0].json()["model"], "openai/gpt-4o");
@@ -118,12 +135,22 @@ async fn glob_and_header_matching() {
 
 #[tokio::test]
 async fn every_path_and_method_maps_under_base_url() {
-    let upstream = MockUpstream::start(|r| Reply::Json(200, format!("{{\"seen\":\"{} {}\"}}", r.method, r.path_and_query))).await;
+    let upstream = MockUpstream::start(|r| {
+        Reply::Json(
+            200,
+            format!("{{\"seen\":\"{} {}\"}}", r.method, r.path_and_query),
+        )
+    })
+    .await;
     let proxy = TestProxy::start(&upstream, "").await;
 
     for (method, path, upstream_path) in [
         ("GET", "/v1/models", "/api/v1/models"),
-        ("GET", "/v1/generation?id=gen-1", "/api/v1/generation?id=gen-1"),
+        (
+            "GET",
+            "/v1/generation?id=gen-1",
+            "/api/v1/generation?id=gen-1",
+        ),
         ("DELETE", "/v1/files/abc", "/api/v1/files/abc"),
         ("POST", "/v1/moderations", "/api/v1/moderations"),
     ] {
@@ -143,7 +170,13 @@ async fn streams_each_event_before_the_upstream_has_finished() {
     let proxy = TestProxy::start(&upstream, ROUTES).await;
 
     let body = r#"{"model":"fast","stream":true,"messages":[]}"#;
-    let response = send("POST", &proxy.url("/v1/chat/completions"), &[("content-type", "application/json")], body).await;
+    let response = send(
+        "POST",
+        &proxy.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
@@ -164,8 +197,15 @@ async fn streams_each_event_before_the_upstream_has_finished() {
         received.push_str(&seen);
     }
     drop(tx);
-    assert!(next_data(&mut body).await.is_none(), "the stream ends when the upstream's does");
-    assert_eq!(received, pieces.concat(), "events pass through byte for byte");
+    assert!(
+        next_data(&mut body).await.is_none(),
+        "the stream ends when the upstream's does"
+    );
+    assert_eq!(
+        received,
+        pieces.concat(),
+        "events pass through byte for byte"
+    );
 }
 
 #[tokio::test]
@@ -176,7 +216,13 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
     let proxy = TestProxy::start(&upstream, "").await;
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
-    let response = send("POST", &proxy.url("/v1/chat/completions"), &[("content-type", "application/json")], body).await;
+    let response = send(
+        "POST",
+        &proxy.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await;
     let mut body = response.into_body();
     tx.send(data(&chunk_event("m", "first"))).await.unwrap();
     read_until(&mut body, "first").await;
@@ -207,14 +253,23 @@ async fn a_stream_cut_midway_ends_with_an_error_event() {
     let proxy = TestProxy::start(&upstream, "").await;
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
-    let response = send("POST", &proxy.url("/v1/chat/completions"), &[("content-type", "application/json")], body).await;
+    let response = send(
+        "POST",
+        &proxy.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await;
     let mut body = response.into_body();
     tx.send(data(&chunk_event("m", "partial"))).await.unwrap();
     read_until(&mut body, "partial").await;
     tx.send(Step::Cut).await.unwrap();
 
     let rest = read_until(&mut body, "upstream_stream_error").await;
-    let event = rest.lines().find(|l| l.starts_with("data: {\"error\"")).unwrap();
+    let event = rest
+        .lines()
+        .find(|l| l.starts_with("data: {\"error\""))
+        .unwrap();
     let error: serde_json::Value = serde_json::from_str(&event["data: ".len()..]).unwrap();
     assert_eq!(error["error"]["type"], "upstream_error");
     assert!(next_data(&mut body).await.is_none());
@@ -226,18 +281,30 @@ async fn bad_requests_get_openai_shaped_errors() {
     let proxy = TestProxy::start(&upstream, "[server]\n").await;
     let chat = proxy.url("/v1/chat/completions");
 
-    let cases: [(&str, &str, &[(&str, &str)], u16, &str); 6] = [
-        ("POST", "{\"model\": \"x\", ", &[("content-type", "application/json")], 400, "invalid_json"),
-        ("POST", "[1,2]", &[("content-type", "application/json")], 400, "invalid_json"),
-        ("POST", "{\"messages\": []}", &[("content-type", "application/json")], 400, "missing_model"),
-        ("POST", "{\"model\": 42}", &[("content-type", "application/json")], 400, "invalid_model"),
-        ("POST", "model=x", &[("content-type", "application/x-www-form-urlencoded")], 400, "unsupported_content_type"),
-        ("POST", "", &[("content-type", "application/json")], 400, "invalid_json"),
+    let json = "application/json";
+    let cases = [
+        ("{\"model\": \"x\", ", json, "invalid_json"),
+        ("[1,2]", json, "invalid_json"),
+        ("", json, "invalid_json"),
+        ("{\"messages\": []}", json, "missing_model"),
+        ("{\"model\": 42}", json, "invalid_model"),
+        (
+            "model=x",
+            "application/x-www-form-urlencoded",
+            "unsupported_content_type",
+        ),
     ];
-    for (method, body, headers, status, code) in cases {
-        let (got, headers_back, bytes) = read_all(send(method, &chat, headers, body.to_owned()).await).await;
-        assert_eq!(got.as_u16(), status, "{body:?}: {bytes:?}");
-        assert_eq!(headers_back["content-type"], "application/json");
+    for (body, content_type, code) in cases {
+        let response = send(
+            "POST",
+            &chat,
+            &[("content-type", content_type)],
+            body.to_owned(),
+        )
+        .await;
+        let (status, headers, bytes) = read_all(response).await;
+        assert_eq!(status, 400, "{body:?}: {bytes:?}");
+        assert_eq!(headers["content-type"], "application/json");
         assert_eq!(error_json(&bytes)["error"]["code"], code, "{body:?}");
     }
     for path in ["/", "/v2/chat/completions", "/v1x", "/metrics"] {
@@ -250,7 +317,11 @@ async fn bad_requests_get_openai_shaped_errors() {
         assert_eq!(status, 400, "{path}");
         assert_eq!(error_json(&bytes)["error"]["code"], "invalid_path");
     }
-    assert_eq!(upstream.request_count(), 0, "nothing bad reached the upstream");
+    assert_eq!(
+        upstream.request_count(),
+        0,
+        "nothing bad reached the upstream"
+    );
 }
 
 #[tokio::test]
@@ -274,7 +345,10 @@ async fn bodies_over_the_limit_get_413_without_being_read() {
     stream.write_all(chunk.as_bytes()).await.unwrap();
     stream.write_all(chunk.as_bytes()).await.unwrap();
     let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(PATIENCE, stream.read(&mut answer)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&answer[..n]);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     assert!(text.contains("body_too_large"), "{text}");
@@ -293,43 +367,84 @@ async fn unreachable_upstream_is_502() {
         key.display()
     ))
     .await;
-    let (status, _, bytes) = post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"m"}"#, &[]).await;
+    let (status, _, bytes) =
+        post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"m"}"#, &[]).await;
     assert_eq!(status, 502);
     let error = error_json(&bytes);
     assert_eq!(error["error"]["code"], "upstream_unreachable");
-    assert!(error["error"]["message"].as_str().unwrap().contains("refused"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn no_response_head_within_first_byte_timeout_is_504() {
     let upstream = MockUpstream::start(|_| Reply::Hang).await;
     let proxy = TestProxy::start(&upstream, ROUTES).await;
-    let (status, _, bytes) = post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"slow"}"#, &[]).await;
+    let (status, _, bytes) = post_json(
+        &proxy.url("/v1/chat/completions"),
+        r#"{"model":"slow"}"#,
+        &[],
+    )
+    .await;
     assert_eq!(status, 504);
     let error = error_json(&bytes);
     assert_eq!(error["error"]["code"], "upstream_timeout");
-    assert!(error["error"]["message"].as_str().unwrap().contains("300ms"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("300ms"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn upstream_client_errors_are_returned_as_they_are() {
     let upstream = MockUpstream::start(|_| {
-        Reply::Json(400, r#"{"error":{"message":"bad temperature","code":400}}"#.to_owned())
+        Reply::Json(
+            400,
+            r#"{"error":{"message":"bad temperature","code":400}}"#.to_owned(),
+        )
     })
     .await;
     let proxy = TestProxy::start(&upstream, ROUTES).await;
-    let (status, _, bytes) = post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"fast"}"#, &[]).await;
+    let (status, _, bytes) = post_json(
+        &proxy.url("/v1/chat/completions"),
+        r#"{"model":"fast"}"#,
+        &[],
+    )
+    .await;
     assert_eq!(status, 400);
-    assert_eq!(&bytes[..], br#"{"error":{"message":"bad temperature","code":400}}"#);
-    assert_eq!(upstream.request_count(), 1, "a client error is not retried on a fallback");
+    assert_eq!(
+        &bytes[..],
+        br#"{"error":{"message":"bad temperature","code":400}}"#
+    );
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "a client error is not retried on a fallback"
+    );
 }
 
 #[tokio::test]
 async fn a_failing_model_falls_back_to_the_next() {
     let upstream = MockUpstream::openai_like().await;
-    upstream.push(Reply::Json(503, r#"{"error":{"message":"overloaded","code":503}}"#.to_owned()));
+    upstream.push(Reply::Json(
+        503,
+        r#"{"error":{"message":"overloaded","code":503}}"#.to_owned(),
+    ));
     let proxy = TestProxy::start(&upstream, ROUTES).await;
-    let (status, headers, bytes) = post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"fast"}"#, &[]).await;
+    let (status, headers, bytes) = post_json(
+        &proxy.url("/v1/chat/completions"),
+        r#"{"model":"fast"}"#,
+        &[],
+    )
+    .await;
     assert_eq!(status, 200, "{bytes:?}");
     assert_eq!(headers["x-proxy-model"], "anthropic/claude-3.5-haiku");
     assert_eq!(headers["x-proxy-attempts"], "2");
@@ -342,11 +457,17 @@ async fn a_failing_model_falls_back_to_the_next() {
 async fn garbage_on_the_socket_does_not_hurt_other_clients() {
     let upstream = MockUpstream::openai_like().await;
     let proxy = TestProxy::start(&upstream, "").await;
-    for garbage in [&b"\x00\x01\x02 not http\r\n\r\n"[..], b"GET /v1/models HTTP/1.1\r\nbad header line\r\n\r\n", b"POST /v1/x HTTP/1.1\r\ncontent-length: zz\r\n\r\n"] {
+    for garbage in [
+        &b"\x00\x01\x02 not http\r\n\r\n"[..],
+        b"GET /v1/models HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"POST /v1/x HTTP/1.1\r\ncontent-length: zz\r\n\r\n",
+    ] {
         let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
         stream.write_all(garbage).await.unwrap();
         let mut answer = Vec::new();
-        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer)).await.unwrap();
+        let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+            .await
+            .unwrap();
         let text = String::from_utf8_lossy(&answer);
         assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
     }
@@ -358,9 +479,10 @@ async fn garbage_on_the_socket_does_not_hurt_other_clients() {
 async fn h2c_clients_are_served() {
     let upstream = MockUpstream::openai_like().await;
     let proxy = TestProxy::start(&upstream, "").await;
-    let client: TestClient = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let client: TestClient =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let request = http::Request::get(proxy.url("/v1/models"))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
@@ -380,7 +502,8 @@ async fn admin_endpoints() {
     let (status, _, _) = read_all(send("GET", &proxy.admin_url("/readyz"), &[], "").await).await;
     assert_eq!(status, 200);
     post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"m"}"#, &[]).await;
-    let (status, _, body) = read_all(send("GET", &proxy.admin_url("/metrics"), &[], "").await).await;
+    let (status, _, body) =
+        read_all(send("GET", &proxy.admin_url("/metrics"), &[], "").await).await;
     assert_eq!(status, 200);
     let text = String::from_utf8(body.to_vec()).unwrap();
     assert!(text.contains("openrouter_requests_total{"), "{text}");
@@ -398,8 +521,11 @@ async fn without_a_key_the_proxy_is_not_ready_and_says_why() {
     .await;
     let (status, _, body) = read_all(send("GET", &proxy.admin_url("/readyz"), &[], "").await).await;
     assert_eq!(status, 503);
-    assert!(std::str::from_utf8(&body).unwrap().contains("OPENROUTER_PROXY_TEST_UNSET_KEY"));
-    let (status, _, bytes) = post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"m"}"#, &[]).await;
+    assert!(std::str::from_utf8(&body)
+        .unwrap()
+        .contains("OPENROUTER_PROXY_TEST_UNSET_KEY"));
+    let (status, _, bytes) =
+        post_json(&proxy.url("/v1/chat/completions"), r#"{"model":"m"}"#, &[]).await;
     assert_eq!(status, 503);
     assert_eq!(error_json(&bytes)["error"]["code"], "missing_api_key");
     assert_eq!(upstream.request_count(), 0);
@@ -412,7 +538,13 @@ async fn shutdown_lets_an_open_stream_finish() {
     upstream.push(reply);
     let proxy = TestProxy::start(&upstream, "").await;
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
-    let response = send("POST", &proxy.url("/v1/chat/completions"), &[("content-type", "application/json")], body).await;
+    let response = send(
+        "POST",
+        &proxy.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await;
     let mut body = response.into_body();
     tx.send(data(&chunk_event("m", "before"))).await.unwrap();
     read_until(&mut body, "before").await;
@@ -422,7 +554,8 @@ async fn shutdown_lets_an_open_stream_finish() {
     // Readiness turns 503 while the stream is still open.
     let ready = tokio::time::timeout(PATIENCE, async {
         loop {
-            let (status, _, _) = read_all(send("GET", &format!("http://{admin}/readyz"), &[], "").await).await;
+            let (status, _, _) =
+                read_all(send("GET", &format!("http://{admin}/readyz"), &[], "").await).await;
             if status == 503 {
                 return;
             }

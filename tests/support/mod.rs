@@ -1,7 +1,14 @@
 //! Test support: a scripted mock upstream on 127.0.0.1:0, the real proxy booted in-process on port
 //! 0 against it, and a small HTTP client.
-#![allow(dead_code, reason = "each test binary uses a different part of this module")]
-#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on set-up errors")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of this module"
+)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly on set-up errors"
+)]
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -86,7 +93,9 @@ pub struct MockUpstream {
 
 impl MockUpstream {
     /// Answers every request with `handler`, unless replies were queued with [`push`].
-    pub async fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> MockUpstream {
+    pub async fn start(
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> MockUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(MockState {
@@ -98,7 +107,9 @@ impl MockUpstream {
         let served = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let state = served.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| answer(state.clone(), request));
@@ -154,7 +165,11 @@ async fn answer(
     request: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let recorded = Recorded {
         method: parts.method,
         path_and_query: parts
@@ -453,7 +468,11 @@ pub async fn send(
 }
 
 /// POSTs JSON and returns status, headers and the whole body.
-pub async fn post_json(url: &str, body: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap, Bytes) {
+pub async fn post_json(
+    url: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMap, Bytes) {
     let mut all = vec![("content-type", "application/json")];
     all.extend_from_slice(headers);
     let response = send("POST", url, &all, body.to_owned()).await;
@@ -498,9 +517,18 @@ pub async fn read_until(body: &mut Incoming, needle: &str) -> String {
 pub fn error_json(body: &[u8]) -> serde_json::Value {
     let value: serde_json::Value = serde_json::from_slice(body)
         .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
-    assert!(value["error"]["message"].is_string(), "not an OpenAI error: {value}");
-    assert!(value["error"]["type"].is_string(), "not an OpenAI error: {value}");
-    assert!(value["error"]["code"].is_string(), "not an OpenAI error: {value}");
+    assert!(
+        value["error"]["message"].is_string(),
+        "not an OpenAI error: {value}"
+    );
+    assert!(
+        value["error"]["type"].is_string(),
+        "not an OpenAI error: {value}"
+    );
+    assert!(
+        value["error"]["code"].is_string(),
+        "not an OpenAI error: {value}"
+    );
     value
 }
 
@@ -509,7 +537,9 @@ pub fn merge_toml(base: &str, extra: &str) -> String {
     fn merge(into: &mut toml::Table, from: toml::Table) {
         for (key, value) in from {
             match (into.get_mut(&key), value) {
-                (Some(toml::Value::Table(existing)), toml::Value::Table(value)) => merge(existing, value),
+                (Some(toml::Value::Table(existing)), toml::Value::Table(value)) => {
+                    merge(existing, value)
+                }
                 (_, value) => {
                     into.insert(key, value);
                 }

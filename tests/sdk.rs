@@ -1,0 +1,105 @@
+//! Compatibility with the official OpenAI SDKs (Python and Node), driven as unmodified clients
+//! against the real proxy and a mock upstream. `scripts/test` installs both SDKs under `target/`;
+//! the tests fail, never skip, when an SDK is missing.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use support::*;
+
+const ROUTES: &str = r#"
+[server]
+max_body_bytes = 10000
+
+[[routes]]
+name = "fast"
+match = { model = "fast" }
+model = "openai/gpt-4o-mini"
+"#;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python() -> PathBuf {
+    let path = std::env::var_os("OPENAI_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/sdk-venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python with the openai package at {}: run scripts/test (or set OPENAI_SDK_PYTHON)",
+        path.display()
+    );
+    path
+}
+
+fn node_modules() -> PathBuf {
+    let path = std::env::var_os("OPENAI_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/sdk-node/node_modules"));
+    assert!(
+        path.join("openai").exists(),
+        "no openai Node package under {}: run scripts/test (or set OPENAI_NODE_MODULES)",
+        path.display()
+    );
+    path
+}
+
+async fn run_client(mut command: tokio::process::Command, proxy: &TestProxy) {
+    let output = tokio::time::timeout(
+        PATIENCE * 3,
+        command
+            .env("OPENAI_BASE_URL", proxy.url("/v1"))
+            .env_remove("OPENAI_API_KEY")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the SDK client did not finish in time")
+    .expect("could not start the SDK client");
+    assert!(
+        output.status.success(),
+        "SDK client failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn official_python_sdk() {
+    let upstream = MockUpstream::openai_like().await;
+    let proxy = TestProxy::start(&upstream, ROUTES).await;
+    let mut command = tokio::process::Command::new(python());
+    command.arg(root().join("tests/sdk/openai_python.py"));
+    run_client(command, &proxy).await;
+
+    let sent = upstream.requests();
+    assert_eq!(
+        sent.len(),
+        6,
+        "chat, stream, raw chat, completion, embedding, models"
+    );
+    for request in &sent {
+        assert_eq!(
+            request.header("authorization"),
+            Some(format!("Bearer {TEST_KEY}").as_str())
+        );
+    }
+    assert_eq!(sent[1].json()["stream_options"]["include_usage"], true);
+}
+
+#[tokio::test]
+async fn official_node_sdk_streaming() {
+    let upstream = MockUpstream::openai_like().await;
+    let proxy = TestProxy::start(&upstream, ROUTES).await;
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(root().join("tests/sdk/openai_node.cjs"))
+        .env("OPENAI_NODE_MODULES", node_modules());
+    run_client(command, &proxy).await;
+    assert_eq!(upstream.requests()[0].json()["model"], "openai/gpt-4o-mini");
+}

@@ -1,0 +1,130 @@
+//! The real binary under SIGTERM: readiness turns 503, new connections are refused, an open stream
+//! finishes, and the process exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod support;
+
+use std::process::Stdio;
+
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[tokio::test]
+async fn sigterm_drains_an_open_stream_then_exits_zero() {
+    let (reply, tx, _closed) = stream_reply();
+    let upstream = MockUpstream::start(openai_like_reply).await;
+    upstream.push(reply);
+    let key = temp_file("key", TEST_KEY);
+    let config = temp_file(
+        "proxy.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\nshutdown_grace = \"60s\"\n\
+             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
+            upstream.url(),
+            key.display()
+        ),
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openrouter-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // The start-up log line says where the listeners were bound.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (api, admin) = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if event["message"] == "listening" {
+                return (
+                    event["api"].as_str().unwrap().to_owned(),
+                    event["admin"].as_str().unwrap().to_owned(),
+                );
+            }
+        }
+        panic!("the proxy exited before listening");
+    })
+    .await
+    .unwrap();
+    let logs = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.push(line);
+        }
+        all
+    });
+
+    let body = r#"{"model":"m","stream":true,"messages":[]}"#;
+    let response = send(
+        "POST",
+        &format!("http://{api}/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        body,
+    )
+    .await;
+    let mut body = response.into_body();
+    tx.send(data(&chunk_event("m", "before"))).await.unwrap();
+    read_until(&mut body, "before").await;
+
+    let pid = child.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+
+    let not_ready = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let (status, _, _) =
+                read_all(send("GET", &format!("http://{admin}/readyz"), &[], "").await).await;
+            if status == 503 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        not_ready.is_ok(),
+        "readiness never turned 503 after SIGTERM"
+    );
+    let refused = tokio::time::timeout(PATIENCE, async {
+        while tokio::net::TcpStream::connect(&api).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        refused.is_ok(),
+        "new connections were still accepted while draining"
+    );
+
+    tx.send(data(&chunk_event("m", "after"))).await.unwrap();
+    tx.send(data("data: [DONE]\n\n")).await.unwrap();
+    drop(tx);
+    let rest = read_until(&mut body, "[DONE]").await;
+    assert!(rest.contains("after"), "the open stream was cut: {rest}");
+    assert!(next_data(&mut body).await.is_none());
+
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let logs = logs.await.unwrap();
+    let access = logs
+        .iter()
+        .find(|l| l.contains("\"request\""))
+        .expect("an access-log line");
+    let access: serde_json::Value = serde_json::from_str(access).unwrap();
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["outcome"], "complete");
+    assert!(
+        logs.iter().all(|l| !l.contains(TEST_KEY)),
+        "the key leaked into the logs"
+    );
+}
