@@ -28,9 +28,8 @@ pub async fn serve(
 ) -> Result<(), String> {
     crate::metrics::handle();
     crate::metrics::describe();
-    let client = upstream::client(&config.upstream)?;
-    let runtime = reload::Runtime::build(config)?;
-    let shared = Arc::new(proxy::Shared::new(runtime, client));
+    let runtime = reload::Runtime::build(config, None)?;
+    let shared = Arc::new(proxy::Shared::new(runtime));
     server::run(shared, listeners, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))

@@ -18,26 +18,22 @@ use crate::error::ProxyError;
 use crate::relay::{ProxyBody, RequestRecord};
 use crate::reload::Runtime;
 use crate::router::{RequestFacts, Route};
-use crate::upstream::UpstreamClient;
 
-/// State shared by every request: the live runtime (swapped whole on reload), the upstream client
-/// and its connection pool, and the drain flag.
+/// State shared by every request: the live runtime (swapped whole on reload) and the drain flag.
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
-    pub client: UpstreamClient,
     pub draining: AtomicBool,
     request_ids: AtomicU64,
     id_prefix: u64,
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime, client: UpstreamClient) -> Shared {
+    pub fn new(runtime: Runtime) -> Shared {
         let id_prefix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
-            client,
             draining: AtomicBool::new(false),
             request_ids: AtomicU64::new(0),
             id_prefix,
@@ -73,7 +69,7 @@ pub async fn handle(
         request.method().clone(),
         request.uri().path().to_owned(),
     ));
-    let mut response = match forward(&shared, &runtime, request, &mut record).await {
+    let mut response = match forward(&runtime, request, &mut record).await {
         Ok(response) => response,
         Err(error) => {
             record.error = Some(error.kind());
@@ -89,7 +85,6 @@ pub async fn handle(
 }
 
 async fn forward(
-    shared: &Shared,
     runtime: &Runtime,
     request: Request<Incoming>,
     record: &mut RequestRecord,
@@ -135,7 +130,7 @@ async fn forward(
         *upstream_request.uri_mut() = uri.clone();
         *upstream_request.headers_mut() = headers.clone();
 
-        let outcome = send(shared, upstream_request, route.first_byte_timeout).await;
+        let outcome = send(&runtime.client, upstream_request, route.first_byte_timeout).await;
         let model_label = served_model.unwrap_or("");
         match outcome {
             Ok(response) if !is_last && runtime.fallback_on_status(response.status().as_u16()) => {
@@ -169,11 +164,11 @@ async fn forward(
 
 /// One upstream attempt, bounded by the time allowed until the response head arrives.
 async fn send(
-    shared: &Shared,
+    client: &crate::upstream::UpstreamClient,
     request: Request<Full<Bytes>>,
     first_byte_timeout: Duration,
 ) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(first_byte_timeout, shared.client.request(request)).await {
+    match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) if error.is_connect() => {
             Err(ProxyError::UpstreamConnect(error_chain(&error)))

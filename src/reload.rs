@@ -5,7 +5,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::config::Config;
 use crate::router::Router;
-use crate::upstream::BaseUrl;
+use crate::upstream::{BaseUrl, UpstreamClient};
 
 /// Everything a request needs from the config, compiled once per load.
 pub struct Runtime {
@@ -18,6 +18,9 @@ pub struct Runtime {
     /// Where the key was looked for, for operators (never the key itself).
     pub api_key_source: String,
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The pooled upstream client. Kept across reloads (with its warm connections) unless a
+    /// setting it was built with changed.
+    pub client: UpstreamClient,
 }
 
 /// OpenRouter reads the app's title from `X-OpenRouter-Title`; older deployments send `X-Title`.
@@ -25,7 +28,9 @@ pub struct Runtime {
 const TITLE_HEADERS: [&str; 2] = ["x-title", "x-openrouter-title"];
 
 impl Runtime {
-    pub fn build(config: Config) -> Result<Runtime, String> {
+    /// Compiles `config`. `previous` is the runtime being replaced, whose upstream client is reused
+    /// when the connection settings are unchanged.
+    pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
         let router = Router::compile(&config)?;
         let base_url = BaseUrl::parse(&config.upstream.base_url)
             .map_err(|e| format!("upstream.base_url: {e}"))?;
@@ -52,7 +57,12 @@ impl Runtime {
             }
         }
         let (api_key, api_key_source) = read_api_key(&config);
+        let client = match previous {
+            Some(previous) if same_transport(&previous.config, &config) => previous.client.clone(),
+            _ => crate::upstream::client(&config.upstream)?,
+        };
         Ok(Runtime {
+            client,
             config,
             router,
             base_url,
@@ -65,6 +75,11 @@ impl Runtime {
     pub fn fallback_on_status(&self, status: u16) -> bool {
         self.config.fallback.on_status.contains(&status)
     }
+}
+
+fn same_transport(a: &Config, b: &Config) -> bool {
+    a.upstream.connect_timeout == b.upstream.connect_timeout
+        && a.upstream.pool_idle_timeout == b.upstream.pool_idle_timeout
 }
 
 /// Reads the key from `api_key_file` or the environment. A missing key is not a config error: the
