@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz` (alive), `/readyz` (config loaded, key present, not draining)
-//! and `/metrics` (Prometheus text).
+//! The admin listener: `/healthz` (alive), `/readyz` (config loaded, key present, not draining),
+//! `/metrics` (Prometheus text) and `/config` (which config is running, and how reloads went).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -11,10 +11,12 @@ use hyper::body::Incoming;
 
 use crate::proxy::Shared;
 use crate::relay::ProxyBody;
+use crate::reload::ReloadLog;
 
 /// Answers one admin request.
 pub async fn handle(
     shared: Arc<Shared>,
+    reloads: Arc<ReloadLog>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -26,6 +28,7 @@ pub async fn handle(
     let response = match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => readiness(&shared),
+        "/config" => config_identity(&shared, &reloads),
         "/metrics" => {
             let mut response = text(StatusCode::OK, crate::metrics::handle().render());
             response.headers_mut().insert(
@@ -36,7 +39,7 @@ pub async fn handle(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics or /config\n".into(),
         ),
     };
     Ok(response)
@@ -52,6 +55,34 @@ fn readiness(shared: &Shared) -> Response<ProxyBody> {
         return text(StatusCode::SERVICE_UNAVAILABLE, reason);
     }
     text(StatusCode::OK, "ready\n".into())
+}
+
+/// The running config's identity, for operators checking that an edit was applied. Never the key
+/// and never header values (they may hold secrets): names only.
+fn config_identity(shared: &Shared, reloads: &ReloadLog) -> Response<ProxyBody> {
+    let runtime = shared.runtime.load();
+    let origin = &runtime.origin;
+    let config = &runtime.config;
+    let body = serde_json::json!({
+        "hash": origin.hash,
+        "loaded_at": humantime::format_rfc3339_seconds(origin.loaded_at).to_string(),
+        "source": origin.source.as_ref().map(|path| path.display().to_string()),
+        "reloads": { "ok": reloads.ok(), "error": reloads.errors() },
+        "last_error": reloads.last_error(),
+        "restart_pending": origin.restart_pending,
+        "routes": config.routes.iter().map(|route| &route.name).collect::<Vec<_>>(),
+        "upstream_headers": config.upstream.headers.keys().collect::<Vec<_>>(),
+        "api_key": {
+            "source": runtime.api_key_source,
+            "present": runtime.api_key.is_some(),
+        },
+    });
+    let mut response = text(StatusCode::OK, format!("{body}\n"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<ProxyBody> {

@@ -90,6 +90,10 @@ pub struct UpstreamConfig {
     /// Idle pooled upstream connections are closed after this long.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// A streaming answer that sends nothing (not even a keep-alive comment) for this long is
+    /// treated as broken.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// Added to every upstream request (after the client's headers, before route `set_headers`).
     pub headers: BTreeMap<String, String>,
 }
@@ -103,6 +107,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
+            stream_idle_timeout: Duration::from_secs(120),
             headers: BTreeMap::new(),
         }
     }
@@ -124,6 +129,18 @@ pub struct FallbackConfig {
     pub on_status: Vec<u16>,
     /// Cap on upstream attempts per request, counting the first.
     pub max_attempts: usize,
+    /// A 429 whose `Retry-After` is at most this long is retried on the same model after the
+    /// wait; a longer one moves on to the next model at once.
+    #[serde(with = "humantime_serde")]
+    pub retry_after_max: Duration,
+    /// After `cooldown_failures` failures in a row, a model is skipped for this long, then one
+    /// probe request decides whether it is back. `"0s"` turns passive health checks off.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    pub cooldown_failures: u32,
+    /// Non-streaming answers are read up to this size to look for OpenRouter's "unavailable"
+    /// errors sent with status 200; larger answers are relayed without the check.
+    pub max_inspect_bytes: usize,
 }
 
 impl Default for FallbackConfig {
@@ -131,6 +148,10 @@ impl Default for FallbackConfig {
         Self {
             on_status: vec![500, 502, 503, 504],
             max_attempts: 3,
+            retry_after_max: Duration::from_secs(2),
+            cooldown: Duration::from_secs(30),
+            cooldown_failures: 3,
+            max_inspect_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -196,6 +217,20 @@ pub struct RouteConfig {
     pub set_headers: BTreeMap<String, String>,
     #[serde(default)]
     pub remove_headers: Vec<String>,
+    /// What happens when a stream breaks after content has reached the client.
+    #[serde(default)]
+    pub on_midstream: Midstream,
+}
+
+/// The answer to a stream that breaks after content has reached the client.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Midstream {
+    /// End the stream with an OpenAI-shaped SSE error event, so SDKs raise.
+    #[default]
+    Error,
+    /// Continue on the next model with the partial answer as an assistant prefix.
+    Resume,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -269,6 +304,11 @@ impl Config {
                 ));
             }
         }
+        if f.cooldown_failures == 0 {
+            return Err("fallback.cooldown_failures: must be at least 1".into());
+        }
+        positive(f.max_inspect_bytes as u64, "fallback.max_inspect_bytes")?;
+        nonzero(u.stream_idle_timeout, "upstream.stream_idle_timeout")?;
         positive(self.cache.max_bytes, "cache.max_bytes")?;
         if self.log.level.trim().is_empty() {
             return Err("log.level: must not be empty".into());

@@ -16,7 +16,9 @@ pub enum ProxyError {
     MissingModel,
     ModelNotString,
     UnsupportedContentType(String),
-    BodyTooLarge { limit: usize },
+    BodyTooLarge {
+        limit: usize,
+    },
     ClientBody(String),
     UnknownPath,
     BadPath,
@@ -26,6 +28,38 @@ pub enum ProxyError {
     UpstreamConnect(String),
     UpstreamTimeout(Duration),
     Upstream(String),
+    /// Every model of the chain failed (or was cooling down).
+    AllAttemptsFailed {
+        status: StatusCode,
+        attempts: Vec<AttemptNote>,
+    },
+}
+
+/// One attempt of a request that failed everywhere: which model, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptNote {
+    pub model: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+impl AttemptNote {
+    pub fn failed(model: &str, reason: String, status: Option<StatusCode>) -> AttemptNote {
+        AttemptNote {
+            model: model.to_owned(),
+            reason,
+            status: status.map(|s| s.as_u16()),
+        }
+    }
+
+    pub fn skipped(model: &str) -> AttemptNote {
+        AttemptNote {
+            model: model.to_owned(),
+            reason: "skipped: cooling down after repeated failures".to_owned(),
+            status: None,
+        }
+    }
 }
 
 impl ProxyError {
@@ -42,6 +76,7 @@ impl ProxyError {
             ProxyError::NoApiKey => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::AllAttemptsFailed { status, .. } => *status,
         }
     }
 
@@ -60,10 +95,14 @@ impl ProxyError {
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
+            ProxyError::AllAttemptsFailed { .. } => "all_attempts_failed",
         }
     }
 
     fn error_type(&self) -> &'static str {
+        if matches!(self, ProxyError::AllAttemptsFailed { .. }) {
+            return "upstream_error";
+        }
         match self.status().as_u16() {
             400..=499 => "invalid_request_error",
             502 | 504 => "upstream_error",
@@ -99,35 +138,39 @@ impl ProxyError {
                 humantime::format_duration(*after)
             ),
             ProxyError::Upstream(reason) => format!("upstream failed: {reason}"),
+            ProxyError::AllAttemptsFailed { attempts, .. } => {
+                let list: Vec<String> = attempts
+                    .iter()
+                    .map(|a| format!("{} ({})", a.model, a.reason))
+                    .collect();
+                format!("all {} attempts failed: {}", attempts.len(), list.join("; "))
+            }
         }
     }
 
     /// The OpenAI-shaped JSON error response.
     pub fn into_response(self) -> Response<ProxyBody> {
-        json_error(
-            self.status(),
-            &self.message(),
-            self.error_type(),
-            self.kind(),
-        )
+        let mut error = serde_json::json!({
+            "message": self.message(),
+            "type": self.error_type(),
+            "param": null,
+            "code": self.kind(),
+        });
+        let mut response = Response::new(ProxyBody::full(Bytes::new()));
+        if let ProxyError::AllAttemptsFailed { attempts, .. } = &self {
+            error["attempts"] = serde_json::json!(attempts);
+            // The proxy already tried every model it may: SDKs retrying would only add load.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        let body = serde_json::json!({ "error": error }).to_string();
+        *response.body_mut() = ProxyBody::full(Bytes::from(body));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
     }
-}
-
-/// `{"error":{"message","type","param","code"}}` with the given status.
-pub fn json_error(
-    status: StatusCode,
-    message: &str,
-    kind: &str,
-    code: &str,
-) -> Response<ProxyBody> {
-    let body = serde_json::json!({
-        "error": { "message": message, "type": kind, "param": null, "code": code }
-    });
-    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
 }

@@ -1,33 +1,40 @@
-//! The `openrouter-proxy` command: flags, start-up, signal handling.
+//! The `openrouter-proxy` command: flags, start-up, signal handling (SIGTERM/SIGINT drain, SIGHUP
+//! reloads the config).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use openrouter_proxy::config::LogFormat;
-use openrouter_proxy::{serve, Config, Listeners};
+use openrouter_proxy::Config;
+use openrouter_proxy::{serve_live, Listeners, LiveConfig, ReloadTrigger};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
-usage: openrouter-proxy [--config PATH] [--check]
+usage: openrouter-proxy [--config PATH] [--check] [--no-watch]
 
   --config PATH   the proxy.toml to load (default: proxy.toml)
   --check         validate the config and exit (0 valid, 1 invalid)
+  --no-watch      reload the config only on SIGHUP, not when its file changes
   --version       print the version
   --help          print this help
 
 The upstream API key is read from the environment variable named by
-upstream.api_key_env (default OPENROUTER_API_KEY) or from upstream.api_key_file.";
+upstream.api_key_env (default OPENROUTER_API_KEY) or from upstream.api_key_file.
+The config and key files are reloaded when they change and on SIGHUP; an invalid
+config is rejected and the running one keeps serving.";
 
 struct Args {
     config: PathBuf,
     check: bool,
+    watch: bool,
 }
 
 fn parse_args() -> Result<Option<Args>, String> {
     let mut args = Args {
         config: PathBuf::from("proxy.toml"),
         check: false,
+        watch: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -39,6 +46,7 @@ fn parse_args() -> Result<Option<Args>, String> {
                 args.config = arg["--config=".len()..].into();
             }
             "--check" => args.check = true,
+            "--no-watch" => args.watch = false,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 return Ok(None);
@@ -62,8 +70,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
+    let live = match LiveConfig::load(&args.config) {
+        Ok(live) => live.watch_files(args.watch),
         Err(error) => {
             eprintln!("openrouter-proxy: invalid config: {error}");
             return ExitCode::FAILURE;
@@ -73,7 +81,7 @@ fn main() -> ExitCode {
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
+    init_logging(live.config());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,7 +92,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(live)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
@@ -94,7 +102,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<(), String> {
+async fn run(live: LiveConfig) -> Result<(), String> {
+    // Installed before "listening" is logged: SIGHUP's default action would end the process.
+    reload_on_hangup(live.trigger())?;
+    let config = live.config();
     let bind = |addr| async move {
         TcpListener::bind(addr)
             .await
@@ -107,7 +118,21 @@ async fn run(config: Config) -> Result<(), String> {
     let api = listeners.api.local_addr().map_err(|e| e.to_string())?;
     let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%api, %admin, upstream = %config.upstream.base_url, "listening");
-    serve(config, listeners, shutdown_signal()).await
+    serve_live(live, listeners, shutdown_signal()).await
+}
+
+/// Turns each SIGHUP into a reload request for as long as the runtime runs.
+fn reload_on_hangup(trigger: ReloadTrigger) -> Result<(), String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup())
+        .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            trigger.reload();
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

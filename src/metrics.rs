@@ -17,6 +17,7 @@ pub const FALLBACKS: &str = "openrouter_fallbacks_total";
 pub const CACHE: &str = "openrouter_cache_requests_total";
 pub const RELOADS: &str = "openrouter_config_reloads_total";
 pub const UPSTREAM_ATTEMPTS: &str = "openrouter_upstream_attempts_total";
+pub const COOLDOWN: &str = "openrouter_model_cooldown";
 
 /// LLM calls take from milliseconds (cache hits, embeddings) to minutes (long generations).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -76,6 +77,10 @@ pub fn describe() {
     metrics::describe_counter!(CACHE, "Cache lookups by result.");
     metrics::describe_counter!(RELOADS, "Config reloads by result.");
     metrics::describe_counter!(UPSTREAM_ATTEMPTS, "Upstream attempts by model and outcome.");
+    metrics::describe_gauge!(
+        COOLDOWN,
+        "1 while a model is skipped after repeated failures."
+    );
     gauge!(ACTIVE).set(0.0);
 }
 
@@ -103,4 +108,26 @@ pub fn request_finished(
 
 pub fn upstream_attempt(model: &str, outcome: &'static str) {
     counter!(UPSTREAM_ATTEMPTS, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+}
+
+pub fn cooldown(model: &str, cooling: bool) {
+    gauge!(COOLDOWN, "model" => model.to_owned()).set(if cooling { 1.0 } else { 0.0 });
+}
+
+pub fn fallback(from: &str, to: &str, reason: &str) {
+    counter!(FALLBACKS, "from" => from.to_owned(), "to" => to.to_owned(), "reason" => reason.to_owned())
+        .increment(1);
+}
+
+/// Tokens and cost reported by the upstream for one answer.
+pub fn usage(model: &str, usage: &crate::sse::Usage) {
+    counter!(TOKENS, "model" => model.to_owned(), "type" => "prompt")
+        .increment(usage.prompt_tokens);
+    counter!(TOKENS, "model" => model.to_owned(), "type" => "completion")
+        .increment(usage.completion_tokens);
+    if let Some(cost) = usage.cost.filter(|c| c.is_finite() && *c >= 0.0) {
+        // `metrics` counters are integers; a gauge that only ever grows carries the fractional
+        // dollars, and `rate()`/`increase()` work on it the same way.
+        gauge!(COST, "model" => model.to_owned()).increment(cost);
+    }
 }

@@ -1,17 +1,32 @@
-//! The response body handed to the client: an upstream body relayed frame by frame as it arrives,
-//! or a complete body of our own. It also carries the request's record, written when the body ends
-//! or the client goes away.
+//! The response body handed to the client: an upstream body relayed frame by frame as it arrives
+//! (with the SSE scanner looking on), or a complete body. A stream that breaks ends with an
+//! OpenAI-shaped error event, or continues on the next model when the route asks for it. The body
+//! also carries the request's record, written when the body ends or the client goes away.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::sse::{Scanner, Usage};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A continuation of a broken stream: the next upstream body and the model serving it.
+pub type ResumeFuture = Pin<Box<dyn Future<Output = Option<(Incoming, String)>> + Send>>;
+
+/// Starts the continuation of a broken stream given the answer text so far; `None` when no model
+/// is left to continue on.
+pub trait Resume: Send {
+    fn resume(&mut self, partial: &str) -> Option<ResumeFuture>;
+}
 
 /// What the client receives as a response body.
 pub struct ProxyBody {
@@ -21,12 +36,57 @@ pub struct ProxyBody {
 
 enum Source {
     Full(Option<Bytes>),
-    Upstream {
-        body: Incoming,
-        /// An SSE stream that fails midway ends with an error event instead of a cut connection.
-        event_stream: bool,
-    },
+    Stream(Box<Relay>),
     Done,
+}
+
+/// An upstream body in flight.
+pub struct Relay {
+    /// Frames read while deciding whether to fall back; they go out first.
+    held: VecDeque<Bytes>,
+    body: Incoming,
+    /// Present for event streams.
+    scanner: Option<Scanner>,
+    /// A chat stream must end with `data: [DONE]`; ending without it is a truncation.
+    expect_done: bool,
+    idle_timeout: Duration,
+    idle: Pin<Box<Sleep>>,
+    resume: Option<Box<dyn Resume>>,
+    resuming: Option<ResumeFuture>,
+    /// While resuming is possible, only whole events are sent, so that a cut mid-event can be
+    /// continued cleanly; this is the unfinished tail.
+    tail: BytesMut,
+}
+
+impl Relay {
+    pub fn new(
+        body: Incoming,
+        held: VecDeque<Bytes>,
+        scanner: Option<Scanner>,
+        idle_timeout: Duration,
+    ) -> Relay {
+        Relay {
+            held,
+            body,
+            scanner,
+            expect_done: false,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            resume: None,
+            resuming: None,
+            tail: BytesMut::new(),
+        }
+    }
+
+    pub fn expect_done(mut self, expect: bool) -> Relay {
+        self.expect_done = expect;
+        self
+    }
+
+    pub fn with_resume(mut self, resume: Box<dyn Resume>) -> Relay {
+        self.resume = Some(resume);
+        self
+    }
 }
 
 impl ProxyBody {
@@ -37,9 +97,9 @@ impl ProxyBody {
         }
     }
 
-    pub fn upstream(body: Incoming, event_stream: bool) -> ProxyBody {
+    pub fn relay(relay: Relay) -> ProxyBody {
         ProxyBody {
-            source: Source::Upstream { body, event_stream },
+            source: Source::Stream(Box::new(relay)),
             record: None,
         }
     }
@@ -50,19 +110,42 @@ impl ProxyBody {
         self
     }
 
-    fn on_data(&mut self, len: usize) {
-        if let Some(record) = &mut self.record {
-            record.on_data(len);
-        }
-    }
-
     fn finish(&mut self, outcome: Outcome) {
         if let Some(record) = &mut self.record {
             record.outcome = outcome;
+            if let Source::Stream(relay) = &self.source {
+                if let Some(usage) = relay.scanner.as_ref().and_then(|s| s.usage) {
+                    record.usage = Some(usage);
+                }
+            }
         }
         // Dropping the record writes it now rather than whenever hyper drops the body.
         self.record = None;
         self.source = Source::Done;
+    }
+
+    fn deliver(&mut self, bytes: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(record) = &mut self.record {
+            record.on_data(bytes.len());
+        }
+        Poll::Ready(Some(Ok(Frame::data(bytes))))
+    }
+
+    /// Ends a broken stream: an error event for event streams, an aborted body otherwise.
+    fn fail(
+        &mut self,
+        reason: &str,
+        event_stream: bool,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(record) = &mut self.record {
+            record.stream_error = Some(reason.to_owned());
+        }
+        self.finish(Outcome::UpstreamFailed);
+        if event_stream {
+            self.deliver(stream_error_event(reason))
+        } else {
+            Poll::Ready(Some(Err(reason.to_owned().into())))
+        }
     }
 }
 
@@ -75,49 +158,124 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match &mut this.source {
-            Source::Full(bytes) => match bytes.take() {
-                Some(bytes) => {
-                    this.on_data(bytes.len());
-                    Poll::Ready(Some(Ok(Frame::data(bytes))))
-                }
-                None => {
-                    this.finish(Outcome::Complete);
-                    Poll::Ready(None)
-                }
-            },
-            Source::Upstream { body, event_stream } => {
-                let event_stream = *event_stream;
-                match ready!(Pin::new(body).poll_frame(cx)) {
-                    Some(Ok(frame)) => {
-                        if let Some(data) = frame.data_ref() {
-                            this.on_data(data.len());
+        loop {
+            let relay = match &mut this.source {
+                Source::Full(bytes) => {
+                    return match bytes.take() {
+                        Some(bytes) => this.deliver(bytes),
+                        None => {
+                            this.finish(Outcome::Complete);
+                            Poll::Ready(None)
                         }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    Some(Err(error)) => {
-                        let reason = error.to_string();
-                        this.finish(Outcome::UpstreamFailed);
-                        if event_stream {
-                            Poll::Ready(Some(Ok(Frame::data(stream_error_event(&reason)))))
-                        } else {
-                            Poll::Ready(Some(Err(error.into())))
+                    };
+                }
+                Source::Done => return Poll::Ready(None),
+                Source::Stream(relay) => relay,
+            };
+            if let Some(bytes) = relay.held.pop_front() {
+                return this.deliver(bytes);
+            }
+            let event_stream = relay.scanner.is_some();
+
+            if let Some(resuming) = &mut relay.resuming {
+                match ready!(resuming.as_mut().poll(cx)) {
+                    Some((body, model)) => {
+                        relay.resuming = None;
+                        relay.body = body;
+                        relay
+                            .idle
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + relay.idle_timeout);
+                        if let Some(record) = &mut this.record {
+                            record.served_model = Some(model);
+                            record.attempts += 1;
                         }
+                        continue;
                     }
                     None => {
-                        this.finish(Outcome::Complete);
-                        Poll::Ready(None)
+                        relay.resuming = None;
+                        return this.fail("the stream broke and no model could continue it", true);
                     }
                 }
             }
-            Source::Done => Poll::Ready(None),
+
+            let polled = Pin::new(&mut relay.body).poll_frame(cx);
+            let failure = match polled {
+                Poll::Pending => {
+                    if relay.idle.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    format!(
+                        "the upstream sent nothing for {}",
+                        humantime::format_duration(relay.idle_timeout)
+                    )
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    relay
+                        .idle
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + relay.idle_timeout);
+                    let Ok(data) = frame.into_data() else {
+                        // Trailers are not relayed: the client's side is HTTP/1.1 or h2 without them.
+                        continue;
+                    };
+                    let Some(scanner) = &mut relay.scanner else {
+                        return this.deliver(data);
+                    };
+                    let boundary = scanner.feed(&data, |_| {});
+                    if relay.resume.is_none() {
+                        return this.deliver(data);
+                    }
+                    // Resumable: hand out whole events only.
+                    relay.tail.extend_from_slice(&data);
+                    match boundary {
+                        Some(end) => {
+                            let keep = data.len() - end;
+                            let whole = relay.tail.split_to(relay.tail.len() - keep).freeze();
+                            return this.deliver(whole);
+                        }
+                        None => continue,
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => format!("the upstream connection broke: {error}"),
+                Poll::Ready(None) => {
+                    let truncated = relay.expect_done
+                        && relay.scanner.as_ref().is_some_and(|scanner| !scanner.done);
+                    if !truncated {
+                        if !relay.tail.is_empty() {
+                            let rest = relay.tail.split().freeze();
+                            return this.deliver(rest);
+                        }
+                        this.finish(Outcome::Complete);
+                        return Poll::Ready(None);
+                    }
+                    "the upstream closed the stream before [DONE]".to_owned()
+                }
+            };
+
+            // The stream broke after content may have reached the client.
+            let continuation = match (&mut relay.resume, &relay.scanner) {
+                (Some(resume), Some(scanner)) => resume.resume(&scanner.text),
+                _ => None,
+            };
+            match continuation {
+                Some(future) => {
+                    tracing::warn!(reason = %failure, "stream broke: resuming on the next model");
+                    relay.tail.clear();
+                    if let Some(scanner) = &mut relay.scanner {
+                        scanner.reset_partial();
+                    }
+                    relay.resuming = Some(future);
+                }
+                None => return this.fail(&failure, event_stream),
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.source {
             Source::Full(bytes) => bytes.is_none(),
-            Source::Upstream { body, .. } => body.is_end_stream(),
+            Source::Stream(_) => false,
             Source::Done => true,
         }
     }
@@ -125,7 +283,10 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             Source::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Source::Upstream { body, .. } => body.size_hint(),
+            Source::Stream(relay) if relay.scanner.is_none() && relay.held.is_empty() => {
+                relay.body.size_hint()
+            }
+            Source::Stream(_) => SizeHint::default(),
             Source::Full(None) | Source::Done => SizeHint::with_exact(0),
         }
     }
@@ -142,6 +303,7 @@ pub fn stream_error_event(reason: &str) -> Bytes {
             "code": "upstream_stream_error",
         }
     });
+    // The leading blank line ends any event the upstream left unfinished.
     Bytes::from(format!("\n\ndata: {event}\n\n"))
 }
 
@@ -166,6 +328,8 @@ pub struct RequestRecord {
     pub attempts: usize,
     pub status: u16,
     pub error: Option<&'static str>,
+    pub usage: Option<Usage>,
+    pub stream_error: Option<String>,
     first_byte: Option<Duration>,
     bytes: u64,
     outcome: Outcome,
@@ -185,6 +349,8 @@ impl RequestRecord {
             attempts: 0,
             status: 0,
             error: None,
+            usage: None,
+            stream_error: None,
             first_byte: None,
             bytes: 0,
             outcome: Outcome::Pending,
@@ -218,6 +384,9 @@ impl Drop for RequestRecord {
             .or(self.requested_model.as_deref())
             .unwrap_or("");
         crate::metrics::request_finished(&self.route, model, status, duration, self.first_byte);
+        if let Some(usage) = &self.usage {
+            crate::metrics::usage(model, usage);
+        }
         tracing::info!(
             target: "access",
             request_id = %self.request_id,
@@ -231,8 +400,12 @@ impl Drop for RequestRecord {
             upstream_status = self.status,
             outcome,
             error = self.error.unwrap_or(""),
+            stream_error = self.stream_error.as_deref().unwrap_or(""),
             ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
             duration_ms = duration.as_secs_f64() * 1000.0,
+            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
+            completion_tokens = self.usage.map(|u| u.completion_tokens),
+            cost_usd = self.usage.and_then(|u| u.cost),
             bytes = self.bytes,
             "request"
         );

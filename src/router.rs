@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, Midstream, RouteConfig};
 
 /// The name reported for requests that no rule matched.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -25,6 +25,7 @@ pub struct Route {
     /// `None` when answers on this route are not cached.
     pub cache_ttl: Option<Duration>,
     pub first_byte_timeout: Duration,
+    pub on_midstream: Midstream,
 }
 
 impl Route {
@@ -70,6 +71,7 @@ impl Route {
             remove_headers,
             cache_ttl: config.cache_ttl.filter(|ttl| !ttl.is_zero()),
             first_byte_timeout: config.first_byte_timeout.unwrap_or(default_timeout),
+            on_midstream: config.on_midstream,
         })
     }
 
@@ -142,6 +144,7 @@ impl Router {
             remove_headers: Vec::new(),
             cache_ttl: None,
             first_byte_timeout: timeout,
+            on_midstream: Midstream::Error,
         };
         Ok(Router { routes, default })
     }

@@ -15,6 +15,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerConfig;
 use crate::proxy::Shared;
+use crate::reload::ReloadLog;
 
 /// The two bound sockets the proxy serves on. Binding is the caller's job, so tests can use port 0.
 pub struct Listeners {
@@ -25,8 +26,12 @@ pub struct Listeners {
 /// Runs both listeners until `shutdown` resolves, then drains: `/readyz` turns 503 at once, new
 /// connections are refused after `drain_delay`, and in-flight requests (open streams included)
 /// get up to `shutdown_grace` to finish.
+///
+/// `max_connections` and `header_read_timeout` are fixed here at start-up; `drain_delay` and
+/// `shutdown_grace` are read from the config running when the shutdown begins.
 pub async fn run(
     shared: Arc<Shared>,
+    reloads: Arc<ReloadLog>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -36,6 +41,7 @@ pub async fn run(
     let admin = tokio::spawn(accept_admin(
         listeners.admin,
         shared.clone(),
+        reloads,
         stop_rx.clone(),
     ));
     let api = tokio::spawn(accept_api(
@@ -47,6 +53,7 @@ pub async fn run(
 
     shutdown.await;
     shared.draining.store(true, Ordering::SeqCst);
+    let settings = shared.runtime.load().config.server.clone();
     tracing::info!(
         drain_delay = ?settings.drain_delay,
         grace = ?settings.shutdown_grace,
@@ -134,7 +141,12 @@ async fn accept_api(
     graceful
 }
 
-async fn accept_admin(listener: TcpListener, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+async fn accept_admin(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    reloads: Arc<ReloadLog>,
+    stop: watch::Receiver<bool>,
+) {
     let builder = auto::Builder::new(TokioExecutor::new());
     // The admin port keeps answering while the API drains, so probes see the 503 readiness.
     let _keep = stop;
@@ -148,7 +160,10 @@ async fn accept_admin(listener: TcpListener, shared: Arc<Shared>, stop: watch::R
             }
         };
         let shared = shared.clone();
-        let service = service_fn(move |request| crate::admin::handle(shared.clone(), request));
+        let reloads = reloads.clone();
+        let service = service_fn(move |request| {
+            crate::admin::handle(shared.clone(), reloads.clone(), request)
+        });
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

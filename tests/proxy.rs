@@ -169,7 +169,8 @@ async fn streams_each_event_before_the_upstream_has_finished() {
     upstream.push(reply);
     let proxy = TestProxy::start(&upstream, ROUTES).await;
 
-    let body = r#"{"model":"fast","stream":true,"messages":[]}"#;
+    // A model without fallbacks: nothing is held back, not even the processing comment.
+    let body = r#"{"model":"openai/gpt-4o-mini","stream":true,"messages":[]}"#;
     let response = send(
         "POST",
         &proxy.url("/v1/chat/completions"),

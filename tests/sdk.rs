@@ -103,3 +103,21 @@ async fn official_node_sdk_streaming() {
     run_client(command, &proxy).await;
     assert_eq!(upstream.requests()[0].json()["model"], "openai/gpt-4o-mini");
 }
+
+#[tokio::test]
+async fn python_sdk_raises_on_a_stream_broken_midway() {
+    let upstream = MockUpstream::start(|_| {
+        // Content, then the connection is cut before `[DONE]`.
+        Reply::Sse(vec![chunk_event("m", "partial")])
+    })
+    .await;
+    let proxy = TestProxy::start(
+        &upstream,
+        "[[routes]]\nname = \"breaks\"\nmatch = { model = \"breaks\" }\nmodel = \"m\"\n",
+    )
+    .await;
+    let mut command = tokio::process::Command::new(python());
+    command.arg(root().join("tests/sdk/midstream_python.py"));
+    run_client(command, &proxy).await;
+    assert_eq!(upstream.request_count(), 1);
+}

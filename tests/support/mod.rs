@@ -11,7 +11,6 @@
 )]
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -73,6 +72,10 @@ pub enum Reply {
     After(Duration, Box<Reply>),
     /// Never answer.
     Hang,
+    /// Close the connection without answering.
+    Close,
+    /// Another reply with extra response headers.
+    Headers(Vec<(&'static str, &'static str)>, Box<Reply>),
 }
 
 type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
@@ -163,7 +166,7 @@ impl MockUpstream {
 async fn answer(
     state: Arc<MockState>,
     request: Request<Incoming>,
-) -> Result<Response<MockBody>, Infallible> {
+) -> Result<Response<MockBody>, std::io::Error> {
     let (parts, body) = request.into_parts();
     let body = body
         .collect()
@@ -184,12 +187,18 @@ async fn answer(
     let reply = scripted.unwrap_or_else(|| (state.handler)(&recorded));
     state.requests.lock().unwrap().push(recorded);
     state.arrived.notify_waiters();
-    Ok(render(reply).await)
+    // A service error makes hyper close the connection without writing a response.
+    render(reply)
+        .await
+        .ok_or_else(|| std::io::Error::other("scripted close"))
 }
 
-fn render(reply: Reply) -> Pin<Box<dyn std::future::Future<Output = Response<MockBody>> + Send>> {
+/// `None` closes the connection without an answer.
+fn render(
+    reply: Reply,
+) -> Pin<Box<dyn std::future::Future<Output = Option<Response<MockBody>>> + Send>> {
     Box::pin(async move {
-        match reply {
+        Some(match reply {
             Reply::Json(status, body) => {
                 let mut response = Response::new(MockBody::Full(Some(Bytes::from(body))));
                 *response.status_mut() = StatusCode::from_u16(status).unwrap();
@@ -202,10 +211,18 @@ fn render(reply: Reply) -> Pin<Box<dyn std::future::Future<Output = Response<Moc
             Reply::Stream(rx, closed) => sse_response(MockBody::Stream(rx, closed)),
             Reply::After(pause, reply) => {
                 tokio::time::sleep(pause).await;
-                render(*reply).await
+                return render(*reply).await;
             }
             Reply::Hang => std::future::pending().await,
-        }
+            Reply::Close => return None,
+            Reply::Headers(headers, reply) => {
+                let mut response = render(*reply).await?;
+                for (name, value) in headers {
+                    response.headers_mut().insert(name, value.parse().unwrap());
+                }
+                response
+            }
+        })
     })
 }
 
@@ -549,4 +566,39 @@ pub fn merge_toml(base: &str, extra: &str) -> String {
     let mut base: toml::Table = base.parse().unwrap();
     merge(&mut base, extra.parse().unwrap());
     toml::to_string(&base).unwrap()
+}
+
+/// Boots the proxy in-process on the config file at `path` with live reload, and returns once
+/// the admin port answers `/config` (the file watches are set up by then). The trigger reloads
+/// at once, as SIGHUP does for the binary.
+pub async fn start_live_proxy(
+    path: &std::path::Path,
+) -> (TestProxy, openrouter_proxy::ReloadTrigger) {
+    let live = openrouter_proxy::LiveConfig::load(path).unwrap();
+    let trigger = live.trigger();
+    let api = TcpListener::bind(live.config().server.listen)
+        .await
+        .unwrap();
+    let admin = TcpListener::bind(live.config().server.admin_listen)
+        .await
+        .unwrap();
+    let addr = api.local_addr().unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(openrouter_proxy::serve_live(
+        live,
+        openrouter_proxy::Listeners { api, admin },
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let proxy = TestProxy {
+        addr,
+        admin: admin_addr,
+        shutdown: Some(tx),
+        task: Some(task),
+    };
+    let (status, _, _) = read_all(send("GET", &proxy.admin_url("/config"), &[], "").await).await;
+    assert_eq!(status, 200);
+    (proxy, trigger)
 }

@@ -1,0 +1,148 @@
+//! Passive health of models: failures in a row put a model in a cool-down, during which requests
+//! skip it; after the cool-down one probe request decides whether it is back.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// When a model counts as unhealthy and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub failures: u32,
+    /// Zero turns passive health off.
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Default)]
+struct ModelState {
+    failures: u32,
+    cooling_until: Option<Instant>,
+    /// A probe is in flight since this instant; others keep skipping the model meanwhile.
+    probe_since: Option<Instant>,
+}
+
+/// Health of every model seen failing; shared across reloads.
+#[derive(Debug, Default)]
+pub struct Health {
+    models: Mutex<HashMap<String, ModelState>>,
+}
+
+impl Health {
+    /// Whether a request should skip `model` now. After the cool-down, the first caller gets
+    /// `false` and becomes the probe; a probe that never reports back is replaced after another
+    /// cool-down.
+    pub fn should_skip(&self, model: &str, now: Instant, policy: Policy) -> bool {
+        if policy.cooldown.is_zero() {
+            return false;
+        }
+        let Ok(mut models) = self.models.lock() else {
+            return false;
+        };
+        let Some(state) = models.get_mut(model) else {
+            return false;
+        };
+        match state.cooling_until {
+            None => false,
+            Some(until) if now < until => true,
+            Some(_) => match state.probe_since {
+                Some(since) if now < since + policy.cooldown => true,
+                _ => {
+                    state.probe_since = Some(now);
+                    false
+                }
+            },
+        }
+    }
+
+    pub fn record_success(&self, model: &str) {
+        let Ok(mut models) = self.models.lock() else {
+            return;
+        };
+        if let Some(state) = models.remove(model) {
+            if state.cooling_until.is_some() {
+                tracing::info!(model, "model answered again: cool-down over");
+                crate::metrics::cooldown(model, false);
+            }
+        }
+    }
+
+    pub fn record_failure(&self, model: &str, now: Instant, policy: Policy) {
+        if policy.cooldown.is_zero() {
+            return;
+        }
+        let Ok(mut models) = self.models.lock() else {
+            return;
+        };
+        let state = models.entry(model.to_owned()).or_default();
+        state.failures += 1;
+        let failed_probe = state.probe_since.take().is_some();
+        if failed_probe || state.failures >= policy.failures {
+            if state.cooling_until.is_none() {
+                crate::metrics::cooldown(model, true);
+            }
+            state.cooling_until = Some(now + policy.cooldown);
+            tracing::warn!(model, failures = state.failures, cooldown = ?policy.cooldown, "model cooling down");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy {
+        failures: 2,
+        cooldown: Duration::from_secs(30),
+    };
+
+    #[test]
+    fn cools_down_then_probes_once() {
+        let health = Health::default();
+        let t0 = Instant::now();
+        health.record_failure("m", t0, POLICY);
+        assert!(
+            !health.should_skip("m", t0, POLICY),
+            "one failure is not enough"
+        );
+        health.record_failure("m", t0, POLICY);
+        assert!(health.should_skip("m", t0 + Duration::from_secs(29), POLICY));
+        let later = t0 + Duration::from_secs(31);
+        assert!(
+            !health.should_skip("m", later, POLICY),
+            "the first caller probes"
+        );
+        assert!(
+            health.should_skip("m", later, POLICY),
+            "others wait for the probe"
+        );
+        health.record_failure("m", later, POLICY);
+        assert!(
+            health.should_skip("m", later + Duration::from_secs(1), POLICY),
+            "failed probe"
+        );
+        let again = later + Duration::from_secs(31);
+        assert!(!health.should_skip("m", again, POLICY));
+        health.record_success("m");
+        assert!(!health.should_skip("m", again, POLICY));
+        assert!(
+            !health.should_skip("m", again, POLICY),
+            "healthy again: no more probing"
+        );
+    }
+
+    #[test]
+    fn success_resets_the_count_and_zero_cooldown_disables() {
+        let health = Health::default();
+        let now = Instant::now();
+        health.record_failure("m", now, POLICY);
+        health.record_success("m");
+        health.record_failure("m", now, POLICY);
+        assert!(!health.should_skip("m", now, POLICY));
+        let off = Policy {
+            failures: 1,
+            cooldown: Duration::ZERO,
+        };
+        health.record_failure("x", now, off);
+        assert!(!health.should_skip("x", now, off));
+    }
+}
