@@ -17,6 +17,7 @@ use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
 use http::{HeaderMap, HeaderValue};
 use openrouter_proxy::body::JsonBody;
+use openrouter_proxy::cache::CacheKey;
 use openrouter_proxy::router::{RequestFacts, Router};
 use openrouter_proxy::sse::Scanner;
 use openrouter_proxy::Config;
@@ -155,10 +156,9 @@ fn parse_and_rewrite_100kb(bencher: Bencher) {
     });
 }
 
-/// The same for a typical small (~400 B) chat request.
-#[divan::bench]
-fn parse_and_rewrite_small(bencher: Bencher) {
-    let body = Bytes::from(
+/// A typical small (~400 B) chat request.
+fn small_body() -> Bytes {
+    Bytes::from(
         serde_json::json!({
             "model": "fast",
             "messages": [
@@ -169,7 +169,13 @@ fn parse_and_rewrite_small(bencher: Bencher) {
             "max_tokens": 256
         })
         .to_string(),
-    );
+    )
+}
+
+/// Parse and rewrite for a typical small (~400 B) chat request.
+#[divan::bench]
+fn parse_and_rewrite_small(bencher: Bencher) {
+    let body = small_body();
     bencher.counter(BytesCount::new(body.len())).bench(|| {
         let parsed = JsonBody::parse(black_box(body.clone())).unwrap();
         parsed.with_model("openai/gpt-4o-mini")
@@ -251,4 +257,40 @@ fn sse_scan_1mb_collect_text(bencher: Bencher) {
     bencher
         .counter(BytesCount::new(sse_len()))
         .bench(|| scan(&SSE_EVENTS, true));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cache key
+
+const CHAIN: [&str; 2] = ["openai/gpt-4o-mini", "anthropic/claude-3.5-haiku"];
+
+/// The cache key of a typical small (~400 B) chat request: canonical JSON hashed with the path,
+/// the attempt chain and the caller.
+#[divan::bench]
+fn cache_key_small(bencher: Bencher) {
+    let body = small_body();
+    bencher.counter(BytesCount::new(body.len())).bench(|| {
+        CacheKey::new(
+            black_box("/chat/completions"),
+            &CHAIN,
+            Some(b"Bearer sk-tenant".as_slice()),
+            black_box(&body),
+        )
+        .unwrap()
+    });
+}
+
+/// The cache key of the ~100 KB conversation.
+#[divan::bench]
+fn cache_key_100kb(bencher: Bencher) {
+    let body = BIG_BODY.clone();
+    bencher.counter(BytesCount::new(body.len())).bench(|| {
+        CacheKey::new(
+            black_box("/chat/completions"),
+            &CHAIN,
+            None,
+            black_box(&body),
+        )
+        .unwrap()
+    });
 }

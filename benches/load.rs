@@ -1048,6 +1048,10 @@ fn main() {
     }
     let options = match Options::parse(&args) {
         Ok(options) => options,
+        Err(message) if message == USAGE => {
+            println!("{USAGE}");
+            return;
+        }
         Err(message) => {
             eprintln!("{message}");
             std::process::exit(2);

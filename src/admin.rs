@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::config::UpstreamAuth;
 use crate::proxy::Shared;
 use crate::relay::ProxyBody;
 use crate::reload::ReloadLog;
@@ -30,6 +31,7 @@ pub async fn handle(
         "/readyz" => readiness(&shared),
         "/config" => config_identity(&shared, &reloads),
         "/metrics" => {
+            shared.cache.publish_gauges();
             let mut response = text(StatusCode::OK, crate::metrics::handle().render());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -50,7 +52,7 @@ fn readiness(shared: &Shared) -> Response<ProxyBody> {
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
     let runtime = shared.runtime.load();
-    if runtime.api_key.is_none() {
+    if runtime.api_key.is_none() && runtime.config.upstream.auth == UpstreamAuth::Inject {
         let reason = format!("no API key: nothing found in {}\n", runtime.api_key_source);
         return text(StatusCode::SERVICE_UNAVAILABLE, reason);
     }

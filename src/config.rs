@@ -82,6 +82,9 @@ pub struct UpstreamConfig {
     pub api_key_env: Option<String>,
     /// File holding the API key (a mounted Kubernetes Secret); surrounding whitespace is ignored.
     pub api_key_file: Option<PathBuf>,
+    /// `"inject"`: the proxy's key replaces whatever the client sends. `"passthrough"`: each
+    /// client's own `Authorization` is forwarded (and cached answers are kept per caller).
+    pub auth: UpstreamAuth,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Time allowed from sending a request until the upstream's response head arrives.
@@ -104,6 +107,7 @@ impl Default for UpstreamConfig {
             base_url: "https://openrouter.ai/api/v1".to_owned(),
             api_key_env: None,
             api_key_file: None,
+            auth: UpstreamAuth::Inject,
             connect_timeout: Duration::from_secs(5),
             first_byte_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
@@ -121,6 +125,14 @@ impl UpstreamConfig {
 }
 
 pub const DEFAULT_KEY_ENV: &str = "OPENROUTER_API_KEY";
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuth {
+    #[default]
+    Inject,
+    Passthrough,
+}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -161,12 +173,15 @@ impl Default for FallbackConfig {
 pub struct CacheConfig {
     /// Bound on the bytes of stored responses.
     pub max_bytes: u64,
+    /// Answers larger than this are not stored.
+    pub max_entry_bytes: usize,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             max_bytes: 256 * 1024 * 1024,
+            max_entry_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -310,6 +325,7 @@ impl Config {
         positive(f.max_inspect_bytes as u64, "fallback.max_inspect_bytes")?;
         nonzero(u.stream_idle_timeout, "upstream.stream_idle_timeout")?;
         positive(self.cache.max_bytes, "cache.max_bytes")?;
+        positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
         if self.log.level.trim().is_empty() {
             return Err("log.level: must not be empty".into());
         }

@@ -22,6 +22,7 @@ pub enum ProxyError {
     ClientBody(String),
     UnknownPath,
     BadPath,
+    MissingCredentials,
     // Ours or the deployment's (5xx).
     NoApiKey,
     // The upstream's (502/504).
@@ -73,6 +74,7 @@ impl ProxyError {
             | ProxyError::BadPath => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UnknownPath => StatusCode::NOT_FOUND,
+            ProxyError::MissingCredentials => StatusCode::UNAUTHORIZED,
             ProxyError::NoApiKey => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -92,6 +94,7 @@ impl ProxyError {
             ProxyError::UnknownPath => "unknown_path",
             ProxyError::BadPath => "invalid_path",
             ProxyError::NoApiKey => "missing_api_key",
+            ProxyError::MissingCredentials => "missing_credentials",
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
@@ -127,6 +130,10 @@ impl ProxyError {
             }
             ProxyError::BadPath => {
                 "invalid path: dot segments and encoded slashes are not allowed".to_owned()
+            }
+            ProxyError::MissingCredentials => {
+                "this proxy forwards each caller's own key: send `Authorization: Bearer <OpenRouter key>`"
+                    .to_owned()
             }
             ProxyError::NoApiKey => {
                 "the proxy has no upstream API key configured (see upstream.api_key_env / api_key_file)"

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod health;

@@ -75,6 +75,16 @@ pub fn describe() {
     metrics::describe_gauge!(ACTIVE, "Requests in flight.");
     metrics::describe_counter!(FALLBACKS, "Moves to the next model in a fallback chain.");
     metrics::describe_counter!(CACHE, "Cache lookups by result.");
+    metrics::describe_counter!(
+        CACHE_EVICTIONS,
+        "Cache entries removed by the byte bound or their TTL."
+    );
+    metrics::describe_gauge!(CACHE_ENTRIES, "Answers held in the cache.");
+    metrics::describe_counter!(
+        CACHE_COALESCED,
+        "Requests that waited for an identical request's answer instead of calling the upstream."
+    );
+    metrics::describe_gauge!(CACHE_BYTES, "Bytes of answers held in the cache.");
     metrics::describe_counter!(RELOADS, "Config reloads by result.");
     metrics::describe_counter!(UPSTREAM_ATTEMPTS, "Upstream attempts by model and outcome.");
     metrics::describe_gauge!(
@@ -130,4 +140,28 @@ pub fn usage(model: &str, usage: &crate::sse::Usage) {
         // dollars, and `rate()`/`increase()` work on it the same way.
         gauge!(COST, "model" => model.to_owned()).increment(cost);
     }
+}
+
+pub const CACHE_EVICTIONS: &str = "openrouter_cache_evictions_total";
+pub const CACHE_COALESCED: &str = "openrouter_cache_coalesced_total";
+pub const CACHE_ENTRIES: &str = "openrouter_cache_entries";
+pub const CACHE_BYTES: &str = "openrouter_cache_bytes";
+
+/// `hit`, `miss` or `bypass`.
+pub fn cache_result(result: &'static str) {
+    counter!(CACHE, "result" => result).increment(1);
+}
+
+/// `size` (pushed out by the byte bound) or `expired` (past its TTL).
+pub fn cache_eviction(cause: &'static str) {
+    counter!(CACHE_EVICTIONS, "cause" => cause).increment(1);
+}
+
+pub fn cache_size(entries: u64, bytes: u64) {
+    gauge!(CACHE_ENTRIES).set(entries as f64);
+    gauge!(CACHE_BYTES).set(bytes as f64);
+}
+
+pub fn cache_coalesced() {
+    counter!(CACHE_COALESCED).increment(1);
 }

@@ -15,7 +15,10 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{BodyError, JsonBody};
-use crate::config::Midstream;
+use crate::cache::{
+    CacheKey, CachedAnswer, Directive, Fill, FillGuard, ResponseCache, StreamRecorder,
+};
+use crate::config::{Midstream, UpstreamAuth};
 use crate::error::{AttemptNote, ProxyError};
 use crate::health::{Health, Policy};
 use crate::relay::{ProxyBody, Relay, RequestRecord, Resume, ResumeFuture};
@@ -29,6 +32,8 @@ use crate::upstream::UpstreamClient;
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub health: Health,
+    /// Sized at start-up from `[cache]`; entries outlive reloads.
+    pub cache: Arc<ResponseCache>,
     pub draining: AtomicBool,
     request_ids: AtomicU64,
     id_prefix: u64,
@@ -39,9 +44,14 @@ impl Shared {
         let id_prefix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
+        let cache = Arc::new(ResponseCache::new(
+            runtime.config.cache.max_bytes,
+            runtime.config.cache.max_entry_bytes,
+        ));
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
             health: Health::default(),
+            cache,
             draining: AtomicBool::new(false),
             request_ids: AtomicU64::new(0),
             id_prefix,
@@ -63,6 +73,7 @@ impl Shared {
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_PROXY_MODEL: HeaderName = HeaderName::from_static("x-proxy-model");
 static X_PROXY_ATTEMPTS: HeaderName = HeaderName::from_static("x-proxy-attempts");
+static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
 /// Handles one client request. Never fails: every error becomes an OpenAI-shaped response here.
 pub async fn handle(
@@ -142,8 +153,14 @@ async fn forward(
         headers: &parts.headers,
     });
     record.route = route.name.clone();
-    let api_key = runtime.api_key.as_ref().ok_or(ProxyError::NoApiKey)?;
-    let mut headers = upstream_headers(&parts.headers, runtime, route, api_key);
+    let credentials = match runtime.config.upstream.auth {
+        UpstreamAuth::Inject => runtime.api_key.as_ref().ok_or(ProxyError::NoApiKey)?,
+        UpstreamAuth::Passthrough => parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or(ProxyError::MissingCredentials)?,
+    };
+    let mut headers = upstream_headers(&parts.headers, runtime, route, credentials);
     if !parts.headers.contains_key(&X_REQUEST_ID) {
         if let Ok(id) = HeaderValue::from_str(&record.request_id) {
             headers.insert(X_REQUEST_ID.clone(), id);
@@ -154,7 +171,34 @@ async fn forward(
         .join(rest, parts.uri.query())
         .map_err(|_| ProxyError::BadPath)?;
 
+    // Callers with their own upstream keys never share cached answers.
+    let tenant = match runtime.config.upstream.auth {
+        UpstreamAuth::Inject => None,
+        UpstreamAuth::Passthrough => Some(credentials.as_bytes()),
+    };
     let chain = route.chain();
+    let cache = match (&json, route.cache_ttl) {
+        (Some(json), Some(ttl)) => {
+            let models: Vec<&str> = chain
+                .iter()
+                .map(|m| m.or(requested_model.as_deref()).unwrap_or(""))
+                .collect();
+            let path = uri.path_and_query().map_or(rest, |p| p.as_str());
+            match lookup(shared, path, &models, tenant, json, ttl, &parts.headers).await {
+                Lookup::Hit(answer) => return Ok(cached_response(&answer, record)),
+                Lookup::Miss(miss) => Some(miss),
+                Lookup::Bypass => None,
+            }
+        }
+        _ => None,
+    };
+    let cache_header = match (&json, route.cache_ttl, &cache) {
+        (Some(_), Some(_), Some(_)) => Some("MISS"),
+        (Some(_), Some(_), None) => Some("BYPASS"),
+        _ => None,
+    };
+    record.cache = cache_header;
+
     let max_attempts = runtime.config.fallback.max_attempts;
     let outbound = Outbound {
         runtime,
@@ -166,18 +210,157 @@ async fn forward(
         json,
         inspect: chain.len() > 1 && max_attempts > 1,
     };
+    let mut response = run_chain(
+        shared,
+        &outbound,
+        &chain,
+        requested_model.as_deref(),
+        record,
+    )
+    .await?;
+    if let Some(value) = cache_header {
+        response
+            .headers_mut()
+            .insert(X_CACHE.clone(), HeaderValue::from_static(value));
+    }
+    if let Some(miss) = cache {
+        miss.store(shared, &mut response, record.served_model.clone());
+    }
+    Ok(response)
+}
+
+enum Lookup {
+    Hit(Arc<CachedAnswer>),
+    Miss(Miss),
+    Bypass,
+}
+
+/// A cacheable request the cache could not answer: where its answer goes once complete.
+struct Miss {
+    key: CacheKey,
+    ttl: Duration,
+    /// Set when identical requests wait for this one.
+    fill: Option<FillGuard>,
+}
+
+impl Miss {
+    /// Stores a complete successful answer: at once for a JSON body, at its `[DONE]` for a stream.
+    fn store(self, shared: &Shared, response: &mut Response<ProxyBody>, model: Option<String>) {
+        if response.status() != StatusCode::OK {
+            return;
+        }
+        if let Some(bytes) = response.body().complete_bytes() {
+            if crate::sse::json_body_error(bytes).is_some() {
+                return;
+            }
+            let answer = CachedAnswer::new(response.headers(), bytes.clone(), model, self.ttl);
+            match self.fill {
+                Some(fill) => fill.complete(answer),
+                None => shared.cache.insert(self.key, answer),
+            }
+            return;
+        }
+        let recorder = StreamRecorder::new(
+            shared.cache.clone(),
+            self.key,
+            response.headers().clone(),
+            model,
+            self.ttl,
+        );
+        response.body_mut().record_stream(recorder);
+    }
+}
+
+/// Looks the request up, honouring the client's `Cache-Control`. Identical non-streaming misses
+/// in flight are coalesced: one goes upstream, the others wait for its answer. Streams are not
+/// coalesced (a waiter's first token would wait for the leader's last), so identical concurrent
+/// streams each go upstream, and the first to complete is stored.
+async fn lookup(
+    shared: &Shared,
+    path: &str,
+    models: &[&str],
+    tenant: Option<&[u8]>,
+    json: &JsonBody,
+    ttl: Duration,
+    headers: &HeaderMap,
+) -> Lookup {
+    let directive = crate::cache::directive(headers);
+    let key = match CacheKey::new(path, models, tenant, &json.bytes) {
+        Some(key) if directive != Directive::Bypass => key,
+        _ => {
+            crate::metrics::cache_result("bypass");
+            return Lookup::Bypass;
+        }
+    };
+    let mut fill = None;
+    if directive == Directive::Normal {
+        if let Some(answer) = shared.cache.get(&key) {
+            crate::metrics::cache_result("hit");
+            return Lookup::Hit(answer);
+        }
+        if !json.stream {
+            match shared.cache.join_or_fill(key) {
+                Fill::Lead(guard) => fill = Some(guard),
+                Fill::Wait(mut receiver) => {
+                    crate::metrics::cache_coalesced();
+                    if let Some(answer) = Fill::wait(&mut receiver).await {
+                        crate::metrics::cache_result("hit");
+                        return Lookup::Hit(answer);
+                    }
+                }
+                Fill::Alone => {}
+            }
+        }
+    }
+    crate::metrics::cache_result("miss");
+    Lookup::Miss(Miss { key, ttl, fill })
+}
+
+fn cached_response(answer: &CachedAnswer, record: &mut RequestRecord) -> Response<ProxyBody> {
+    record.served_model = answer.model.clone();
+    record.cache = Some("HIT");
+    let mut response = Response::new(ProxyBody::full(answer.body.clone()));
+    let headers = response.headers_mut();
+    for (name, value) in &answer.headers {
+        headers.insert(name.clone(), value.clone());
+    }
+    headers.insert(X_CACHE.clone(), HeaderValue::from_static("HIT"));
+    headers.insert(
+        header::AGE,
+        HeaderValue::from(answer.stored_at.elapsed().as_secs()),
+    );
+    if let Some(model) = answer
+        .model
+        .as_deref()
+        .and_then(|m| HeaderValue::from_str(m).ok())
+    {
+        headers.insert(X_PROXY_MODEL.clone(), model);
+    }
+    headers.insert(X_PROXY_ATTEMPTS.clone(), HeaderValue::from(0));
+    response
+}
+
+/// Tries the models of the chain in order until one answers.
+async fn run_chain(
+    shared: &Shared,
+    outbound: &Outbound<'_>,
+    chain: &[Option<&str>],
+    requested_model: Option<&str>,
+    record: &mut RequestRecord,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let runtime = outbound.runtime;
+    let max_attempts = runtime.config.fallback.max_attempts;
     let policy = Policy {
         failures: runtime.config.fallback.cooldown_failures,
         cooldown: runtime.config.fallback.cooldown,
     };
-
     let mut notes: Vec<AttemptNote> = Vec::new();
     let mut last_failure: Option<Failure> = None;
     let mut retried_same_model = false;
     let mut index = 0;
     let mut tried = 0;
     while index < chain.len() && tried < max_attempts {
-        let model = chain[index].or(requested_model.as_deref());
+        let model = chain[index].or(requested_model);
         let label = model.unwrap_or("");
         let untried_last = tried == 0 && index + 1 == chain.len();
         if !untried_last && shared.health.should_skip(label, Instant::now(), policy) {
@@ -186,18 +369,14 @@ async fn forward(
             notes.push(AttemptNote::skipped(label));
             index += 1;
             if let Some(next) = chain.get(index) {
-                crate::metrics::fallback(
-                    label,
-                    next.or(requested_model.as_deref()).unwrap_or(""),
-                    "cooldown",
-                );
+                crate::metrics::fallback(label, next.or(requested_model).unwrap_or(""), "cooldown");
             }
             continue;
         }
         tried += 1;
         record.attempts = tried;
         let started = Instant::now();
-        match attempt(&outbound, chain[index], model, started, record).await {
+        match attempt(outbound, chain[index], model, started, record).await {
             Ok(mut response) => {
                 crate::metrics::upstream_attempt(label, "answered");
                 shared.health.record_success(label);
@@ -238,7 +417,7 @@ async fn forward(
                 retried_same_model = false;
                 index += 1;
                 if let Some(next) = chain.get(index).filter(|_| tried < max_attempts) {
-                    let next = next.or(requested_model.as_deref()).unwrap_or("");
+                    let next = next.or(requested_model).unwrap_or("");
                     crate::metrics::fallback(label, next, failure.reason.label());
                 }
                 last_failure = Some(failure);
@@ -738,13 +917,13 @@ fn parse_json(
 }
 
 /// The client's headers as the upstream should see them: hop-by-hop, `Host`, length and encoding
-/// negotiation dropped; the client's credentials replaced by the proxy's key; then the global
-/// headers and the route's own edits.
+/// negotiation dropped; the global headers and the route's own edits applied; `Authorization` set
+/// to `credentials` (the proxy's key, or the client's own in pass-through mode).
 fn upstream_headers(
     client: &HeaderMap,
     runtime: &Runtime,
     route: &Route,
-    api_key: &HeaderValue,
+    credentials: &HeaderValue,
 ) -> HeaderMap {
     let mut headers = client.clone();
     strip_hop_by_hop(&mut headers);
@@ -760,7 +939,7 @@ fn upstream_headers(
     for (name, value) in runtime.upstream_headers.iter().chain(&route.set_headers) {
         headers.insert(name.clone(), value.clone());
     }
-    headers.insert(header::AUTHORIZATION, api_key.clone());
+    headers.insert(header::AUTHORIZATION, credentials.clone());
     headers
 }
 

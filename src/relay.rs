@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::cache::StreamRecorder;
 use crate::sse::{Scanner, Usage};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -56,6 +57,8 @@ pub struct Relay {
     /// While resuming is possible, only whole events are sent, so that a cut mid-event can be
     /// continued cleanly; this is the unfinished tail.
     tail: BytesMut,
+    /// Copies a cacheable stream until its `[DONE]`.
+    recorder: Option<StreamRecorder>,
 }
 
 impl Relay {
@@ -75,6 +78,7 @@ impl Relay {
             resume: None,
             resuming: None,
             tail: BytesMut::new(),
+            recorder: None,
         }
     }
 
@@ -104,6 +108,26 @@ impl ProxyBody {
         }
     }
 
+    /// The whole body, when it is already complete in memory.
+    pub fn complete_bytes(&self) -> Option<&Bytes> {
+        match &self.source {
+            Source::Full(Some(bytes)) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// Copies a streamed answer for the cache as it is sent; it is stored if the stream completes.
+    pub fn record_stream(&mut self, mut recorder: StreamRecorder) {
+        if let Source::Stream(relay) = &mut self.source {
+            if relay.scanner.is_some() {
+                for held in &relay.held {
+                    recorder.push(held);
+                }
+                relay.recorder = Some(recorder);
+            }
+        }
+    }
+
     /// Attaches the record that is finished when this body ends or is dropped.
     pub fn with_record(mut self, record: Box<RequestRecord>) -> ProxyBody {
         self.record = Some(record);
@@ -111,6 +135,14 @@ impl ProxyBody {
     }
 
     fn finish(&mut self, outcome: Outcome) {
+        if let Source::Stream(relay) = &mut self.source {
+            if let Some(recorder) = relay.recorder.take() {
+                let complete = outcome == Outcome::Complete
+                    && relay.resuming.is_none()
+                    && relay.scanner.as_ref().is_some_and(|s| s.done && !s.errored);
+                recorder.finish(complete);
+            }
+        }
         if let Some(record) = &mut self.record {
             record.outcome = outcome;
             if let Source::Stream(relay) = &self.source {
@@ -223,6 +255,9 @@ impl Body for ProxyBody {
                         return this.deliver(data);
                     };
                     let boundary = scanner.feed(&data, |_| {});
+                    if let Some(recorder) = &mut relay.recorder {
+                        recorder.push(&data);
+                    }
                     if relay.resume.is_none() {
                         return this.deliver(data);
                     }
@@ -330,6 +365,8 @@ pub struct RequestRecord {
     pub error: Option<&'static str>,
     pub usage: Option<Usage>,
     pub stream_error: Option<String>,
+    /// `HIT`, `MISS` or `BYPASS` where the route caches.
+    pub cache: Option<&'static str>,
     first_byte: Option<Duration>,
     bytes: u64,
     outcome: Outcome,
@@ -351,6 +388,7 @@ impl RequestRecord {
             error: None,
             usage: None,
             stream_error: None,
+            cache: None,
             first_byte: None,
             bytes: 0,
             outcome: Outcome::Pending,
@@ -406,6 +444,7 @@ impl Drop for RequestRecord {
             prompt_tokens = self.usage.map(|u| u.prompt_tokens),
             completion_tokens = self.usage.map(|u| u.completion_tokens),
             cost_usd = self.usage.and_then(|u| u.cost),
+            cache = self.cache.unwrap_or(""),
             bytes = self.bytes,
             "request"
         );

@@ -332,6 +332,7 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
     keep!(server.max_connections, "server.max_connections");
     keep!(server.header_read_timeout, "server.header_read_timeout");
     keep!(cache.max_bytes, "cache.max_bytes");
+    keep!(cache.max_entry_bytes, "cache.max_entry_bytes");
     keep!(log.format, "log.format");
     keep!(log.level, "log.level");
     kept

@@ -48,6 +48,8 @@ pub struct Scanner {
     pub text: String,
     pub usage: Option<Usage>,
     pub done: bool,
+    /// An error event went by (an answer that is not complete, whatever follows).
+    pub errored: bool,
 }
 
 impl Scanner {
@@ -152,8 +154,10 @@ impl Scanner {
         let event = self.classify(&data);
         self.data = data;
         self.data.clear();
-        if event == Event::Content {
-            self.seen_content = true;
+        match event {
+            Event::Content => self.seen_content = true,
+            Event::Error(_) => self.errored = true,
+            Event::KeepAlive | Event::Done => {}
         }
         Some(event)
     }

@@ -121,3 +121,21 @@ async fn python_sdk_raises_on_a_stream_broken_midway() {
     run_client(command, &proxy).await;
     assert_eq!(upstream.request_count(), 1);
 }
+
+#[tokio::test]
+async fn python_sdk_reads_a_replayed_stream_like_the_original() {
+    let upstream = MockUpstream::openai_like().await;
+    let proxy = TestProxy::start(
+        &upstream,
+        "[[routes]]\nname = \"cached\"\nmatch = { model = \"cached\" }\nmodel = \"m\"\ncache_ttl = \"10m\"\n",
+    )
+    .await;
+    let mut command = tokio::process::Command::new(python());
+    command.arg(root().join("tests/sdk/cache_replay_python.py"));
+    run_client(command, &proxy).await;
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "the replay made no upstream call"
+    );
+}

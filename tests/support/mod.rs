@@ -76,6 +76,8 @@ pub enum Reply {
     Close,
     /// Another reply with extra response headers.
     Headers(Vec<(&'static str, &'static str)>, Box<Reply>),
+    /// Another reply, sent once the test fires the signal.
+    Gated(oneshot::Receiver<()>, Box<Reply>),
 }
 
 type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
@@ -215,6 +217,10 @@ fn render(
             }
             Reply::Hang => std::future::pending().await,
             Reply::Close => return None,
+            Reply::Gated(gate, reply) => {
+                let _ = gate.await;
+                return render(*reply).await;
+            }
             Reply::Headers(headers, reply) => {
                 let mut response = render(*reply).await?;
                 for (name, value) in headers {
