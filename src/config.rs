@@ -33,6 +33,7 @@ pub struct Config {
     pub fallback: FallbackConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -57,6 +58,45 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Upper bound on open client connections; further connections wait in the accept queue.
     pub max_connections: usize,
+    /// Bound on a request head (request line and headers); larger heads get 431.
+    pub max_header_bytes: usize,
+    /// Bound on the number of request headers; more get 431.
+    pub max_headers: usize,
+    /// Concurrent streams per HTTP/2 client connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Inbound tokens: when any is configured, every request must carry one as
+    /// `Authorization: Bearer <token>` (what OpenAI SDKs send as their `api_key`).
+    pub tokens: Vec<TokenConfig>,
+    /// A file of further `[[tokens]]` entries (same keys), e.g. a mounted Secret.
+    pub token_file: Option<PathBuf>,
+}
+
+/// One inbound token, stored as the SHA-256 of the token (`openrouter-proxy --hash-token`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Shown in logs and metrics instead of the token.
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token.
+    pub sha256: String,
+    /// Route names this token may use; empty means all.
+    #[serde(default)]
+    pub routes: Vec<String>,
+    /// Requested models (exact or glob) this token may ask for; empty means all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Requests of this token in flight at once; over it, 429.
+    pub max_concurrent: Option<usize>,
+    /// Sustained request rate of this token (bursts up to one minute's worth); over it, 429.
+    pub requests_per_minute: Option<u32>,
+}
+
+/// The contents of `server.token_file`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +109,11 @@ impl Default for ServerConfig {
             drain_delay: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            http2_max_concurrent_streams: 256,
+            tokens: Vec::new(),
+            token_file: None,
         }
     }
 }
@@ -212,6 +257,23 @@ impl Default for LogConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct model names that clients chose (on routes that keep the requested model) kept as
+    /// `model`, `from` and `to` label values; later names are counted as `other`. Models a route
+    /// names (`model`, `fallbacks`, exact `match.model`) never count against it.
+    pub max_model_labels: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_model_labels: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub name: String,
@@ -235,6 +297,10 @@ pub struct RouteConfig {
     /// What happens when a stream breaks after content has reached the client.
     #[serde(default)]
     pub on_midstream: Midstream,
+    /// Requests on this route in flight at once; over it, 429.
+    pub max_concurrent: Option<usize>,
+    /// Sustained request rate on this route (bursts up to one minute's worth); over it, 429.
+    pub requests_per_minute: Option<u32>,
 }
 
 /// The answer to a stream that breaks after content has reached the client.
@@ -287,6 +353,23 @@ impl Config {
         positive(s.max_body_bytes as u64, "server.max_body_bytes")?;
         positive(s.max_connections as u64, "server.max_connections")?;
         nonzero(s.header_read_timeout, "server.header_read_timeout")?;
+        if s.max_header_bytes < 8192 {
+            return Err(format!(
+                "server.max_header_bytes: must be at least 8192, got {}",
+                s.max_header_bytes
+            ));
+        }
+        positive(s.max_headers as u64, "server.max_headers")?;
+        positive(
+            u64::from(s.http2_max_concurrent_streams),
+            "server.http2_max_concurrent_streams",
+        )?;
+        validate_tokens(&s.tokens, "server.tokens")?;
+        if self.upstream.auth == UpstreamAuth::Passthrough
+            && (!s.tokens.is_empty() || s.token_file.is_some())
+        {
+            return Err("server.tokens: inbound tokens and upstream.auth = \"passthrough\" both use the Authorization header; choose one".into());
+        }
 
         let u = &self.upstream;
         crate::upstream::BaseUrl::parse(&u.base_url)
@@ -329,6 +412,12 @@ impl Config {
         if self.log.level.trim().is_empty() {
             return Err("log.level: must not be empty".into());
         }
+        if self.metrics.max_model_labels > 10_000 {
+            return Err(format!(
+                "metrics.max_model_labels: must be at most 10000, got {}",
+                self.metrics.max_model_labels
+            ));
+        }
 
         let mut names = std::collections::HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
@@ -354,6 +443,7 @@ impl Config {
             if let Some(timeout) = route.first_byte_timeout {
                 nonzero(timeout, &format!("{at}.first_byte_timeout"))?;
             }
+            limits(route.max_concurrent, route.requests_per_minute, &at)?;
             if let Some(path) = &route.matcher.path {
                 if !path.starts_with("/v1") {
                     return Err(format!(
@@ -380,6 +470,45 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
     let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
     let source = text[line_start..line_end].trim();
     format!("line {line} (`{source}`): {reason}")
+}
+
+/// Checks `[[server.tokens]]` (or a token file's `[[tokens]]`, under the prefix `at`).
+pub fn validate_tokens(tokens: &[TokenConfig], at: &str) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        if token.name.trim().is_empty() {
+            return Err(format!("{at}.name: must not be empty"));
+        }
+        if !names.insert(token.name.as_str()) {
+            return Err(format!(
+                "{at}.name: duplicate token name \"{}\"",
+                token.name
+            ));
+        }
+        let hex = token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex {
+            return Err(format!(
+                "{at}.sha256: must be the 64 hex digits of the token's SHA-256 (see openrouter-proxy --hash-token)"
+            ));
+        }
+        limits(token.max_concurrent, token.requests_per_minute, &at)?;
+    }
+    Ok(())
+}
+
+fn limits(concurrent: Option<usize>, per_minute: Option<u32>, at: &str) -> Result<(), String> {
+    if concurrent == Some(0) {
+        return Err(format!(
+            "{at}.max_concurrent: must be at least 1 (omit it for no limit)"
+        ));
+    }
+    if per_minute == Some(0) {
+        return Err(format!(
+            "{at}.requests_per_minute: must be at least 1 (omit it for no limit)"
+        ));
+    }
+    Ok(())
 }
 
 fn positive(value: u64, key: &str) -> Result<(), String> {

@@ -23,6 +23,21 @@ pub enum ProxyError {
     UnknownPath,
     BadPath,
     MissingCredentials,
+    /// No valid inbound token.
+    Unauthorized,
+    /// The token may not use this route or model (what, quoted).
+    Forbidden(String),
+    /// Over a route's or token's concurrency limit.
+    Overloaded {
+        scope: String,
+        limit: usize,
+    },
+    /// Over a route's or token's request rate.
+    RateLimited {
+        scope: String,
+        per_minute: u32,
+        retry_after: Duration,
+    },
     // Ours or the deployment's (5xx).
     NoApiKey,
     // The upstream's (502/504).
@@ -74,7 +89,11 @@ impl ProxyError {
             | ProxyError::BadPath => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::UnknownPath => StatusCode::NOT_FOUND,
-            ProxyError::MissingCredentials => StatusCode::UNAUTHORIZED,
+            ProxyError::MissingCredentials | ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ProxyError::Overloaded { .. } | ProxyError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ProxyError::NoApiKey => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -95,6 +114,10 @@ impl ProxyError {
             ProxyError::BadPath => "invalid_path",
             ProxyError::NoApiKey => "missing_api_key",
             ProxyError::MissingCredentials => "missing_credentials",
+            ProxyError::Unauthorized => "invalid_api_key",
+            ProxyError::Forbidden(_) => "not_allowed",
+            ProxyError::Overloaded { .. } => "concurrency_limit_exceeded",
+            ProxyError::RateLimited { .. } => "rate_limit_exceeded",
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
@@ -135,6 +158,22 @@ impl ProxyError {
                 "this proxy forwards each caller's own key: send `Authorization: Bearer <OpenRouter key>`"
                     .to_owned()
             }
+            ProxyError::Unauthorized => {
+                "missing or invalid token: send `Authorization: Bearer <token>` (the SDK's api_key)"
+                    .to_owned()
+            }
+            ProxyError::Forbidden(what) => format!("this token may not use {what}"),
+            ProxyError::Overloaded { scope, limit } => {
+                format!("too many requests in flight for {scope} (limit {limit}); retry shortly")
+            }
+            ProxyError::RateLimited {
+                scope,
+                per_minute,
+                retry_after,
+            } => format!(
+                "rate limit of {per_minute} requests per minute reached for {scope}; retry in {}s",
+                retry_after.as_secs_f64().ceil()
+            ),
             ProxyError::NoApiKey => {
                 "the proxy has no upstream API key configured (see upstream.api_key_env / api_key_file)"
                     .to_owned()
@@ -170,6 +209,18 @@ impl ProxyError {
             response
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        let retry_after = match &self {
+            ProxyError::RateLimited { retry_after, .. } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+            ProxyError::Overloaded { .. } => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         let body = serde_json::json!({ "error": error }).to_string();
         *response.body_mut() = ProxyBody::full(Bytes::from(body));

@@ -4,11 +4,13 @@
 //! server in-process on port 0.
 
 pub mod admin;
+pub mod auth;
 pub mod body;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod relay;

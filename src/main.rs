@@ -12,10 +12,13 @@ use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 usage: openrouter-proxy [--config PATH] [--check] [--no-watch]
+       openrouter-proxy --hash-token < token-file
 
   --config PATH   the proxy.toml to load (default: proxy.toml)
   --check         validate the config and exit (0 valid, 1 invalid)
   --no-watch      reload the config only on SIGHUP, not when its file changes
+  --hash-token    print the sha256 of the token read from standard input, for
+                  [[server.tokens]] (the token itself is never stored)
   --version       print the version
   --help          print this help
 
@@ -46,6 +49,23 @@ fn parse_args() -> Result<Option<Args>, String> {
                 args.config = arg["--config=".len()..].into();
             }
             "--check" => args.check = true,
+            "--hash-token" => {
+                let mut token = String::new();
+                std::io::stdin()
+                    .read_line(&mut token)
+                    .map_err(|e| format!("cannot read the token from standard input: {e}"))?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(
+                        "--hash-token reads the token from standard input; got nothing".into(),
+                    );
+                }
+                println!(
+                    "{}",
+                    openrouter_proxy::auth::hex(&openrouter_proxy::auth::sha256(token.as_bytes()))
+                );
+                return Ok(None);
+            }
             "--no-watch" => args.watch = false,
             "--help" | "-h" => {
                 println!("{USAGE}");

@@ -1,11 +1,14 @@
-//! Metric names, the recording helpers the pipeline calls, and the Prometheus recorder the admin
-//! listener renders.
+//! Metric names, the recording helpers the pipeline calls, the bound on model label values, and
+//! the Prometheus recorder the admin listener renders.
 
-use std::sync::OnceLock;
+use std::collections::HashSet;
+use std::sync::{OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Config;
 
 pub const REQUESTS: &str = "openrouter_requests_total";
 pub const LATENCY: &str = "openrouter_request_latency_seconds";
@@ -18,22 +21,33 @@ pub const CACHE: &str = "openrouter_cache_requests_total";
 pub const RELOADS: &str = "openrouter_config_reloads_total";
 pub const UPSTREAM_ATTEMPTS: &str = "openrouter_upstream_attempts_total";
 pub const COOLDOWN: &str = "openrouter_model_cooldown";
+pub const OVERHEAD: &str = "openrouter_proxy_overhead_seconds";
 
 /// LLM calls take from milliseconds (cache hits, embeddings) to minutes (long generations).
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// The proxy's own work per request is measured in microseconds; anything near the top bucket
+/// is a problem worth seeing.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide Prometheus recorder, installed on first use. Several in-process servers (as in
-/// tests) share it.
+/// tests) share it. Every histogram gets buckets: without them the exporter renders a summary.
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(LATENCY.into()), LATENCY_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(TIME_TO_FIRST_BYTE.into()), LATENCY_BUCKETS)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS)
             });
         let recorder = match builder {
             Ok(builder) => builder.build_recorder(),
@@ -64,17 +78,24 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "Time from request start until the first response body byte reached the client."
     );
+    metrics::describe_histogram!(
+        OVERHEAD,
+        metrics::Unit::Seconds,
+        "Time the proxy itself spent before the first upstream request went out (reading and \
+         parsing the body, routing, cache lookup), or until a cache hit was answered."
+    );
     metrics::describe_counter!(
         TOKENS,
         "Tokens reported by the upstream's usage, by model and type."
     );
-    metrics::describe_counter!(
+    metrics::describe_gauge!(
         COST,
-        "Cost in USD reported by the upstream's usage, by model."
+        "Cost in USD reported by the upstream's usage, by model. A gauge that only grows: \
+         counters here are integers."
     );
     metrics::describe_gauge!(ACTIVE, "Requests in flight.");
     metrics::describe_counter!(FALLBACKS, "Moves to the next model in a fallback chain.");
-    metrics::describe_counter!(CACHE, "Cache lookups by result.");
+    metrics::describe_counter!(CACHE, "Cache lookups by route and result.");
     metrics::describe_counter!(
         CACHE_EVICTIONS,
         "Cache entries removed by the byte bound or their TTL."
@@ -98,7 +119,8 @@ pub fn request_started() {
     gauge!(ACTIVE).increment(1.0);
 }
 
-/// Records a finished request (answered, failed, or abandoned by the client).
+/// Records a finished request (answered, failed, or abandoned by the client). `model` is a label
+/// value already bounded by [`model_label`].
 pub fn request_finished(
     route: &str,
     model: &str,
@@ -116,20 +138,31 @@ pub fn request_finished(
     }
 }
 
-pub fn upstream_attempt(model: &str, outcome: &'static str) {
-    counter!(UPSTREAM_ATTEMPTS, "model" => model.to_owned(), "outcome" => outcome).increment(1);
+/// The proxy's own share of a request's time (see [`OVERHEAD`]'s description).
+pub fn overhead(route: &str, overhead: Duration) {
+    histogram!(OVERHEAD, "route" => route.to_owned()).record(overhead.as_secs_f64());
 }
 
+pub fn upstream_attempt(config: &Config, model: &str, outcome: &'static str) {
+    let model = model_label(config, model);
+    counter!(UPSTREAM_ATTEMPTS, "model" => model, "outcome" => outcome).increment(1);
+}
+
+/// Only models that already have a label are shown: a cool-down of a model counted under `other`
+/// would say nothing about which one it is, and one `other` series cannot be 1 and 0 at once.
 pub fn cooldown(model: &str, cooling: bool) {
-    gauge!(COOLDOWN, "model" => model.to_owned()).set(if cooling { 1.0 } else { 0.0 });
+    if let Some(model) = admitted_label(model) {
+        gauge!(COOLDOWN, "model" => model).set(if cooling { 1.0 } else { 0.0 });
+    }
 }
 
-pub fn fallback(from: &str, to: &str, reason: &str) {
-    counter!(FALLBACKS, "from" => from.to_owned(), "to" => to.to_owned(), "reason" => reason.to_owned())
-        .increment(1);
+pub fn fallback(config: &Config, from: &str, to: &str, reason: &str) {
+    let (from, to) = (model_label(config, from), model_label(config, to));
+    counter!(FALLBACKS, "from" => from, "to" => to, "reason" => reason.to_owned()).increment(1);
 }
 
-/// Tokens and cost reported by the upstream for one answer.
+/// Tokens and cost reported by the upstream for one answer. `model` is a label value already
+/// bounded by [`model_label`].
 pub fn usage(model: &str, usage: &crate::sse::Usage) {
     counter!(TOKENS, "model" => model.to_owned(), "type" => "prompt")
         .increment(usage.prompt_tokens);
@@ -142,14 +175,87 @@ pub fn usage(model: &str, usage: &crate::sse::Usage) {
     }
 }
 
+/// The label value that stands for every model past the budget.
+pub const OTHER_MODEL: &str = "other";
+
+/// Longer names are never admitted: real model ids are far shorter, and each admitted name is kept
+/// for the life of the process.
+const MAX_MODEL_LABEL_LEN: usize = 128;
+
+/// Model names seen as label values. Names a config routes to (`model`, `fallbacks`, exact
+/// `match.model`) are admitted freely; any other name (clients choose them on pass-through
+/// routes) is admitted while fewer than `[metrics] max_model_labels` such names have been, and
+/// is `other` after that. Admission lasts for the life of the process, so a reload that lowers
+/// the limit stops new names only.
+#[derive(Default)]
+struct ModelLabels {
+    names: HashSet<Box<str>>,
+    /// How many of `names` were admitted against the budget.
+    unconfigured: usize,
+}
+
+fn model_labels() -> &'static RwLock<ModelLabels> {
+    static LABELS: OnceLock<RwLock<ModelLabels>> = OnceLock::new();
+    LABELS.get_or_init(RwLock::default)
+}
+
+/// `model` when it already is a label value; `None` when it would be `other` (or is unseen).
+fn admitted_label(model: &str) -> Option<String> {
+    if model.is_empty() {
+        return Some(String::new());
+    }
+    let labels = model_labels()
+        .read()
+        .unwrap_or_else(PoisonError::into_inner);
+    labels.names.contains(model).then(|| model.to_owned())
+}
+
+/// The value a `model`, `from` or `to` label takes for `model` under `config`: the name itself,
+/// or [`OTHER_MODEL`] once the budget for names the config does not mention is spent.
+pub fn model_label(config: &Config, model: &str) -> String {
+    if let Some(label) = admitted_label(model) {
+        return label;
+    }
+    if model.len() > MAX_MODEL_LABEL_LEN {
+        return OTHER_MODEL.to_owned();
+    }
+    let configured = names_model(config, model);
+    let mut labels = model_labels()
+        .write()
+        .unwrap_or_else(PoisonError::into_inner);
+    if !labels.names.contains(model) {
+        if !configured {
+            if labels.unconfigured >= config.metrics.max_model_labels {
+                return OTHER_MODEL.to_owned();
+            }
+            labels.unconfigured += 1;
+        }
+        labels.names.insert(model.into());
+    }
+    model.to_owned()
+}
+
+/// Whether `config` names `model` as a route's target, fallback or exact match.
+fn names_model(config: &Config, model: &str) -> bool {
+    config.routes.iter().any(|route| {
+        route.model.as_deref() == Some(model)
+            || route.fallbacks.iter().any(|m| m == model)
+            || route
+                .matcher
+                .model
+                .as_deref()
+                .is_some_and(|m| m == model && !m.contains(['*', '?']))
+    })
+}
+
 pub const CACHE_EVICTIONS: &str = "openrouter_cache_evictions_total";
 pub const CACHE_COALESCED: &str = "openrouter_cache_coalesced_total";
 pub const CACHE_ENTRIES: &str = "openrouter_cache_entries";
 pub const CACHE_BYTES: &str = "openrouter_cache_bytes";
 
-/// `hit`, `miss` or `bypass`.
-pub fn cache_result(result: &'static str) {
-    counter!(CACHE, "result" => result).increment(1);
+/// `hit`, `miss` or `bypass`, on a route that caches.
+pub fn cache_result(route: &str, result: &'static str) {
+    counter!(CACHE, "route" => route.to_owned(), "result" => result).increment(1);
 }
 
 /// `size` (pushed out by the byte bound) or `expired` (past its TTL).

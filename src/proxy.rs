@@ -21,6 +21,7 @@ use crate::cache::{
 use crate::config::{Midstream, UpstreamAuth};
 use crate::error::{AttemptNote, ProxyError};
 use crate::health::{Health, Policy};
+use crate::limits::{Limits, Permit, Rejection};
 use crate::relay::{ProxyBody, Relay, RequestRecord, Resume, ResumeFuture};
 use crate::reload::Runtime;
 use crate::router::{RequestFacts, Route};
@@ -32,6 +33,7 @@ use crate::upstream::UpstreamClient;
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
     pub health: Health,
+    pub limits: Limits,
     /// Sized at start-up from `[cache]`; entries outlive reloads.
     pub cache: Arc<ResponseCache>,
     pub draining: AtomicBool,
@@ -51,6 +53,7 @@ impl Shared {
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
             health: Health::default(),
+            limits: Limits::default(),
             cache,
             draining: AtomicBool::new(false),
             request_ids: AtomicU64::new(0),
@@ -84,11 +87,13 @@ pub async fn handle(
     let runtime = shared.runtime.load_full();
     let request_id = shared.request_id(request.headers());
     let mut record = Box::new(RequestRecord::new(
+        runtime.clone(),
         request_id,
         request.method().clone(),
         request.uri().path().to_owned(),
     ));
-    let mut response = match forward(&shared, &runtime, request, &mut record).await {
+    let mut permits = Vec::new();
+    let mut response = match forward(&shared, &runtime, request, &mut record, &mut permits).await {
         Ok(response) => response,
         Err(error) => {
             record.error = Some(error.kind());
@@ -100,7 +105,51 @@ pub async fn handle(
     if let Ok(id) = HeaderValue::from_str(&record.request_id) {
         response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
-    Ok(response.map(|body| body.with_record(record)))
+    Ok(response.map(|body| body.with_record(record).with_permits(permits)))
+}
+
+/// Takes a slot in the route's and the caller's limits, held until the answer ends. Over a limit,
+/// the request is refused at once: load is shed before it reaches streams already running.
+fn admit(
+    shared: &Shared,
+    route: &Route,
+    caller: Option<&crate::auth::Token>,
+    permits: &mut Vec<Permit>,
+) -> Result<(), ProxyError> {
+    let now = Instant::now();
+    let scopes = [
+        Some((
+            format!("route \"{}\"", route.name),
+            route.max_concurrent,
+            route.requests_per_minute,
+        )),
+        caller.map(|t| {
+            (
+                format!("token \"{}\"", t.name),
+                t.max_concurrent,
+                t.requests_per_minute,
+            )
+        }),
+    ];
+    for (scope, concurrent, per_minute) in scopes.into_iter().flatten() {
+        match shared.limits.admit(&scope, concurrent, per_minute, now) {
+            Ok(permit) => permits.extend(permit),
+            Err(Rejection::Concurrency { limit }) => {
+                return Err(ProxyError::Overloaded { scope, limit });
+            }
+            Err(Rejection::Rate {
+                per_minute,
+                retry_after,
+            }) => {
+                return Err(ProxyError::RateLimited {
+                    scope,
+                    per_minute,
+                    retry_after,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What every attempt of one request shares.
@@ -139,9 +188,15 @@ async fn forward(
     runtime: &Runtime,
     request: Request<Incoming>,
     record: &mut RequestRecord,
+    permits: &mut Vec<Permit>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (parts, body) = request.into_parts();
     let rest = api_path(parts.uri.path())?;
+    // Unknown callers are turned away before their body is read.
+    let caller = runtime.tokens.authenticate(&parts.headers)?;
+    if let Some(token) = caller {
+        record.caller = Some(token.name.clone());
+    }
     let bytes = read_body(&parts.headers, body, runtime.config.server.max_body_bytes).await?;
     let json = parse_json(&parts.method, rest, &parts.headers, bytes.clone())?;
     let requested_model = json.as_ref().and_then(JsonBody::model).map(str::to_owned);
@@ -153,6 +208,10 @@ async fn forward(
         headers: &parts.headers,
     });
     record.route = route.name.clone();
+    if let Some(token) = caller {
+        token.allows(&route.name, requested_model.as_deref())?;
+    }
+    admit(shared, route, caller, permits)?;
     let credentials = match runtime.config.upstream.auth {
         UpstreamAuth::Inject => runtime.api_key.as_ref().ok_or(ProxyError::NoApiKey)?,
         UpstreamAuth::Passthrough => parts
@@ -171,10 +230,11 @@ async fn forward(
         .join(rest, parts.uri.query())
         .map_err(|_| ProxyError::BadPath)?;
 
-    // Callers with their own upstream keys never share cached answers.
-    let tenant = match runtime.config.upstream.auth {
-        UpstreamAuth::Inject => None,
-        UpstreamAuth::Passthrough => Some(credentials.as_bytes()),
+    // Callers with their own upstream keys, or their own tokens, never share cached answers.
+    let tenant = match (runtime.config.upstream.auth, caller) {
+        (UpstreamAuth::Passthrough, _) => Some(credentials.as_bytes()),
+        (UpstreamAuth::Inject, Some(token)) => Some(token.name.as_bytes()),
+        (UpstreamAuth::Inject, None) => None,
     };
     let chain = route.chain();
     let cache = match (&json, route.cache_ttl) {
@@ -186,6 +246,10 @@ async fn forward(
             let path = uri.path_and_query().map_or(rest, |p| p.as_str());
             match lookup(shared, path, &models, tenant, json, ttl, &parts.headers).await {
                 Lookup::Hit(answer) => return Ok(cached_response(&answer, record)),
+                Lookup::Waited(answer) => {
+                    record.coalesced = true;
+                    return Ok(cached_response(&answer, record));
+                }
                 Lookup::Miss(miss) => Some(miss),
                 Lookup::Bypass => None,
             }
@@ -231,6 +295,8 @@ async fn forward(
 
 enum Lookup {
     Hit(Arc<CachedAnswer>),
+    /// Answered by an identical request in flight, after waiting for it.
+    Waited(Arc<CachedAnswer>),
     Miss(Miss),
     Bypass,
 }
@@ -287,15 +353,11 @@ async fn lookup(
     let directive = crate::cache::directive(headers);
     let key = match CacheKey::new(path, models, tenant, &json.bytes) {
         Some(key) if directive != Directive::Bypass => key,
-        _ => {
-            crate::metrics::cache_result("bypass");
-            return Lookup::Bypass;
-        }
+        _ => return Lookup::Bypass,
     };
     let mut fill = None;
     if directive == Directive::Normal {
         if let Some(answer) = shared.cache.get(&key) {
-            crate::metrics::cache_result("hit");
             return Lookup::Hit(answer);
         }
         if !json.stream {
@@ -304,15 +366,13 @@ async fn lookup(
                 Fill::Wait(mut receiver) => {
                     crate::metrics::cache_coalesced();
                     if let Some(answer) = Fill::wait(&mut receiver).await {
-                        crate::metrics::cache_result("hit");
-                        return Lookup::Hit(answer);
+                        return Lookup::Waited(answer);
                     }
                 }
                 Fill::Alone => {}
             }
         }
     }
-    crate::metrics::cache_result("miss");
     Lookup::Miss(Miss { key, ttl, fill })
 }
 
@@ -369,7 +429,8 @@ async fn run_chain(
             notes.push(AttemptNote::skipped(label));
             index += 1;
             if let Some(next) = chain.get(index) {
-                crate::metrics::fallback(label, next.or(requested_model).unwrap_or(""), "cooldown");
+                let next = next.or(requested_model).unwrap_or("");
+                crate::metrics::fallback(&runtime.config, label, next, "cooldown");
             }
             continue;
         }
@@ -378,7 +439,7 @@ async fn run_chain(
         let started = Instant::now();
         match attempt(outbound, chain[index], model, started, record).await {
             Ok(mut response) => {
-                crate::metrics::upstream_attempt(label, "answered");
+                crate::metrics::upstream_attempt(&runtime.config, label, "answered");
                 shared.health.record_success(label);
                 record.served_model = model.map(str::to_owned);
                 if let Some(model) = model.and_then(|m| HeaderValue::from_str(m).ok()) {
@@ -390,7 +451,7 @@ async fn run_chain(
                 return Ok(response);
             }
             Err(failure) => {
-                crate::metrics::upstream_attempt(label, failure.reason.label());
+                crate::metrics::upstream_attempt(&runtime.config, label, failure.reason.label());
                 shared.health.record_failure(label, Instant::now(), policy);
                 tracing::warn!(
                     request_id = %record.request_id,
@@ -418,7 +479,7 @@ async fn run_chain(
                 index += 1;
                 if let Some(next) = chain.get(index).filter(|_| tried < max_attempts) {
                     let next = next.or(requested_model).unwrap_or("");
-                    crate::metrics::fallback(label, next, failure.reason.label());
+                    crate::metrics::fallback(&runtime.config, label, next, failure.reason.label());
                 }
                 last_failure = Some(failure);
             }
@@ -521,6 +582,7 @@ async fn attempt(
 ) -> Result<Response<ProxyBody>, Failure> {
     let timeout = out.route.first_byte_timeout;
     let request = out.request(out.body_for(rewrite));
+    record.mark_dispatched();
     let response = send(&out.runtime.client, request, timeout).await?;
     let status = response.status();
     let (mut parts, body) = response.into_parts();

@@ -16,6 +16,7 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::cache::StreamRecorder;
+use crate::reload::Runtime;
 use crate::sse::{Scanner, Usage};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -33,6 +34,8 @@ pub trait Resume: Send {
 pub struct ProxyBody {
     source: Source,
     record: Option<Box<RequestRecord>>,
+    /// Concurrency slots held until the answer ends.
+    permits: Vec<crate::limits::Permit>,
 }
 
 enum Source {
@@ -98,6 +101,7 @@ impl ProxyBody {
         ProxyBody {
             source: Source::Full(Some(bytes)),
             record: None,
+            permits: Vec::new(),
         }
     }
 
@@ -105,6 +109,7 @@ impl ProxyBody {
         ProxyBody {
             source: Source::Stream(Box::new(relay)),
             record: None,
+            permits: Vec::new(),
         }
     }
 
@@ -126,6 +131,11 @@ impl ProxyBody {
                 relay.recorder = Some(recorder);
             }
         }
+    }
+
+    pub fn with_permits(mut self, permits: Vec<crate::limits::Permit>) -> ProxyBody {
+        self.permits = permits;
+        self
     }
 
     /// Attaches the record that is finished when this body ends or is dropped.
@@ -153,6 +163,7 @@ impl ProxyBody {
         }
         // Dropping the record writes it now rather than whenever hyper drops the body.
         self.record = None;
+        self.permits.clear();
         self.source = Source::Done;
     }
 
@@ -194,7 +205,13 @@ impl Body for ProxyBody {
             let relay = match &mut this.source {
                 Source::Full(bytes) => {
                     return match bytes.take() {
-                        Some(bytes) => this.deliver(bytes),
+                        Some(bytes) => {
+                            // hyper stops polling once `is_end_stream` says so, so the end is
+                            // recorded with the only frame rather than on a poll that never comes.
+                            let frame = this.deliver(bytes);
+                            this.finish(Outcome::Complete);
+                            frame
+                        }
                         None => {
                             this.finish(Outcome::Complete);
                             Poll::Ready(None)
@@ -351,29 +368,45 @@ pub enum Outcome {
     UpstreamFailed,
 }
 
-/// One request's facts, for its access-log line and metrics. Written exactly once, on drop.
+/// One request's facts, for its access-log line and metrics. Written exactly once, on drop: when
+/// the body ends, fails, or is dropped because the client went away.
 pub struct RequestRecord {
     pub started: Instant,
     pub request_id: String,
     pub method: http::Method,
     pub path: String,
     pub route: Arc<str>,
+    /// The inbound token's name, when tokens are configured.
+    pub caller: Option<Arc<str>>,
     pub requested_model: Option<String>,
     pub served_model: Option<String>,
     pub attempts: usize,
+    /// The status of the answer the proxy sent.
     pub status: u16,
     pub error: Option<&'static str>,
     pub usage: Option<Usage>,
     pub stream_error: Option<String>,
     /// `HIT`, `MISS` or `BYPASS` where the route caches.
     pub cache: Option<&'static str>,
+    /// A cache hit that waited for an identical request's upstream answer: its time is that
+    /// request's upstream time, not the proxy's overhead.
+    pub coalesced: bool,
+    /// The config the request runs on; it decides which model names are label values.
+    runtime: Arc<Runtime>,
+    /// From arrival until the first upstream request was sent.
+    dispatched: Option<Duration>,
     first_byte: Option<Duration>,
     bytes: u64,
     outcome: Outcome,
 }
 
 impl RequestRecord {
-    pub fn new(request_id: String, method: http::Method, path: String) -> RequestRecord {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        request_id: String,
+        method: http::Method,
+        path: String,
+    ) -> RequestRecord {
         crate::metrics::request_started();
         RequestRecord {
             started: Instant::now(),
@@ -381,6 +414,7 @@ impl RequestRecord {
             method,
             path,
             route: Arc::from(crate::router::DEFAULT_ROUTE),
+            caller: None,
             requested_model: None,
             served_model: None,
             attempts: 0,
@@ -389,9 +423,20 @@ impl RequestRecord {
             usage: None,
             stream_error: None,
             cache: None,
+            coalesced: false,
+            runtime,
+            dispatched: None,
             first_byte: None,
             bytes: 0,
             outcome: Outcome::Pending,
+        }
+    }
+
+    /// Called just before an upstream request is sent; the first call ends the proxy's own share
+    /// of the request's time.
+    pub fn mark_dispatched(&mut self) {
+        if self.dispatched.is_none() {
+            self.dispatched = Some(self.started.elapsed());
         }
     }
 
@@ -400,6 +445,17 @@ impl RequestRecord {
             self.first_byte = Some(self.started.elapsed());
         }
         self.bytes += len as u64;
+    }
+
+    /// The proxy's own share of the request's time: until the first upstream request went out,
+    /// or, for an answer from the cache, until it started going out. Requests that never reached
+    /// either point (refused, or abandoned before) have none.
+    fn overhead(&self) -> Option<Duration> {
+        match self.cache {
+            Some("HIT") if self.coalesced => None,
+            Some("HIT") => self.first_byte,
+            _ => self.dispatched,
+        }
     }
 }
 
@@ -421,30 +477,50 @@ impl Drop for RequestRecord {
             .as_deref()
             .or(self.requested_model.as_deref())
             .unwrap_or("");
-        crate::metrics::request_finished(&self.route, model, status, duration, self.first_byte);
+        let label = crate::metrics::model_label(&self.runtime.config, model);
+        crate::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
+        // A cache hit consumed nothing upstream: its replayed body carries the original usage,
+        // which was counted when that answer was first served.
         if let Some(usage) = &self.usage {
-            crate::metrics::usage(model, usage);
+            crate::metrics::usage(&label, usage);
         }
+        let cache = match self.cache {
+            Some("HIT") => Some("hit"),
+            Some("MISS") => Some("miss"),
+            Some("BYPASS") => Some("bypass"),
+            _ => None,
+        };
+        if let Some(result) = cache {
+            crate::metrics::cache_result(&self.route, result);
+        }
+        let overhead = self.overhead();
+        if let Some(overhead) = overhead {
+            crate::metrics::overhead(&self.route, overhead);
+        }
+        // Never the key, headers or bodies: only what routing and accounting decided.
         tracing::info!(
             target: "access",
             request_id = %self.request_id,
             method = %self.method,
             path = %self.path,
             route = %self.route,
+            caller = self.caller.as_deref().unwrap_or(""),
             requested_model = self.requested_model.as_deref().unwrap_or(""),
             served_model = self.served_model.as_deref().unwrap_or(""),
             attempts = self.attempts,
             status,
-            upstream_status = self.status,
+            response_status = self.status,
             outcome,
             error = self.error.unwrap_or(""),
             stream_error = self.stream_error.as_deref().unwrap_or(""),
             ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
             duration_ms = duration.as_secs_f64() * 1000.0,
+            overhead_ms = overhead.map(|d| d.as_secs_f64() * 1000.0),
             prompt_tokens = self.usage.map(|u| u.prompt_tokens),
             completion_tokens = self.usage.map(|u| u.completion_tokens),
             cost_usd = self.usage.and_then(|u| u.cost),
             cache = self.cache.unwrap_or(""),
+            coalesced = self.coalesced,
             bytes = self.bytes,
             "request"
         );

@@ -31,6 +31,8 @@ pub struct Runtime {
     /// Where the key was looked for, for operators (never the key itself).
     pub api_key_source: String,
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Inbound tokens; empty when the proxy is open.
+    pub tokens: crate::auth::Tokens,
     /// The pooled upstream client. Kept across reloads (with its warm connections) unless a
     /// setting it was built with changed.
     pub client: UpstreamClient,
@@ -71,6 +73,7 @@ impl Runtime {
                 }
             }
         }
+        let tokens = crate::auth::Tokens::compile(&config)?;
         let (api_key, api_key_source) = read_api_key(&config);
         let client = match previous {
             Some(previous) if same_transport(&previous.config, &config) => previous.client.clone(),
@@ -84,6 +87,7 @@ impl Runtime {
             api_key,
             api_key_source,
             upstream_headers,
+            tokens,
             origin: ConfigOrigin::in_memory(),
         })
     }
@@ -331,6 +335,12 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
     keep!(server.admin_listen, "server.admin_listen");
     keep!(server.max_connections, "server.max_connections");
     keep!(server.header_read_timeout, "server.header_read_timeout");
+    keep!(server.max_header_bytes, "server.max_header_bytes");
+    keep!(server.max_headers, "server.max_headers");
+    keep!(
+        server.http2_max_concurrent_streams,
+        "server.http2_max_concurrent_streams"
+    );
     keep!(cache.max_bytes, "cache.max_bytes");
     keep!(cache.max_entry_bytes, "cache.max_entry_bytes");
     keep!(log.format, "log.format");

@@ -26,6 +26,8 @@ pub struct Route {
     pub cache_ttl: Option<Duration>,
     pub first_byte_timeout: Duration,
     pub on_midstream: Midstream,
+    pub max_concurrent: Option<usize>,
+    pub requests_per_minute: Option<u32>,
 }
 
 impl Route {
@@ -72,6 +74,8 @@ impl Route {
             cache_ttl: config.cache_ttl.filter(|ttl| !ttl.is_zero()),
             first_byte_timeout: config.first_byte_timeout.unwrap_or(default_timeout),
             on_midstream: config.on_midstream,
+            max_concurrent: config.max_concurrent,
+            requests_per_minute: config.requests_per_minute,
         })
     }
 
@@ -145,6 +149,8 @@ impl Router {
             cache_ttl: None,
             first_byte_timeout: timeout,
             on_midstream: Midstream::Error,
+            max_concurrent: None,
+            requests_per_minute: None,
         };
         Ok(Router { routes, default })
     }
@@ -160,13 +166,13 @@ impl Router {
 
 /// An exact string or a glob with `*` (any run of characters, `/` included) and `?` (one character).
 #[derive(Debug)]
-enum Pattern {
+pub(crate) enum Pattern {
     Exact(String),
     Glob(Vec<char>),
 }
 
 impl Pattern {
-    fn new(text: &str) -> Pattern {
+    pub(crate) fn new(text: &str) -> Pattern {
         if text.contains(['*', '?']) {
             Pattern::Glob(text.chars().collect())
         } else {
@@ -174,7 +180,7 @@ impl Pattern {
         }
     }
 
-    fn matches(&self, text: &str) -> bool {
+    pub(crate) fn matches(&self, text: &str) -> bool {
         match self {
             Pattern::Exact(exact) => exact == text,
             Pattern::Glob(glob) => glob_matches(glob, text),

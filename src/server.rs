@@ -12,6 +12,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 use crate::config::ServerConfig;
 use crate::proxy::Shared;
@@ -38,6 +39,7 @@ pub async fn run(
     let settings = shared.runtime.load().config.server.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // Both loops also end when `stop_tx` is dropped, so dropping this future leaks no task.
     let admin = tokio::spawn(accept_admin(
         listeners.admin,
         shared.clone(),
@@ -62,8 +64,11 @@ pub async fn run(
     tokio::time::sleep(settings.drain_delay).await;
     let _ = stop_tx.send(true);
 
-    let graceful = match api.await {
-        Ok(graceful) => graceful,
+    let Draining {
+        graceful,
+        connections,
+    } = match api.await {
+        Ok(draining) => draining,
         Err(error) => {
             tracing::error!(%error, "the accept loop failed");
             admin.abort();
@@ -71,10 +76,9 @@ pub async fn run(
         }
     };
     let open = graceful.count();
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let finished = tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await;
+    drop(connections);
+    if finished.is_err() {
         tracing::warn!(
             open,
             "shutdown grace period over: closing the remaining connections"
@@ -91,16 +95,27 @@ async fn accept_api(
     shared: Arc<Shared>,
     settings: ServerConfig,
     mut stop: watch::Receiver<bool>,
-) -> GracefulShutdown {
+) -> Draining {
     let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     let limit = Arc::new(Semaphore::new(settings.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
+        // Also closes keep-alive connections that stay idle this long before their next request.
         .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes)
+        .max_headers(settings.max_headers)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.http2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find dead peers of long streams; an unanswered ping closes the connection.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
 
     loop {
         // Waiting for a free slot first leaves surplus connections in the kernel's accept queue
@@ -131,27 +146,43 @@ async fn accept_api(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "client connection ended with an error");
             }
             drop(permit);
         });
     }
-    graceful
+    Draining {
+        graceful,
+        connections,
+    }
+}
+
+/// The API's open connections once accepting has stopped.
+struct Draining {
+    graceful: GracefulShutdown,
+    /// Dropping the set (at the grace deadline, or when `run` itself is dropped) aborts what is
+    /// still running.
+    connections: JoinSet<()>,
 }
 
 async fn accept_admin(
     listener: TcpListener,
     shared: Arc<Shared>,
     reloads: Arc<ReloadLog>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let builder = auto::Builder::new(TokioExecutor::new());
-    // The admin port keeps answering while the API drains, so probes see the 503 readiness.
-    let _keep = stop;
     loop {
-        let stream = match listener.accept().await {
+        // The admin port keeps answering while the API drains, so probes see the 503 readiness;
+        // it ends only with `run` itself (the stop sender dropped).
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Err(_) = stop.changed() => return,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
                 tracing::warn!(%error, "admin accept failed");

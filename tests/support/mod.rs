@@ -608,3 +608,241 @@ pub async fn start_live_proxy(
     assert_eq!(status, 200);
     (proxy, trigger)
 }
+
+/// Polls `condition` every 10 ms until it holds, failing the test with `what` after
+/// [`PATIENCE`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A scripted upstream that counts its open connections and requests, and that can be killed
+/// (listener and every open connection dropped at once) and restarted on the same port. Unlike
+/// [`MockUpstream`] it keeps no copy of the requests, so it suits long runs.
+pub struct KillableUpstream {
+    pub addr: SocketAddr,
+    handler: Arc<Handler>,
+    open: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    server: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Decrements a connection count when the connection's task ends, however it ends.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> OpenConnection {
+        open.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl KillableUpstream {
+    pub async fn start(
+        handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
+    ) -> KillableUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = KillableUpstream {
+            addr: listener.local_addr().unwrap(),
+            handler: Arc::new(handler),
+            open: Arc::default(),
+            requests: Arc::default(),
+            server: Mutex::new(None),
+        };
+        upstream.serve(listener);
+        upstream
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1", self.addr)
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Drops the listener and every open connection (as a crashed process would), and returns
+    /// once all of them are closed.
+    pub async fn kill(&self) {
+        let server = self.server.lock().unwrap().take();
+        if let Some(server) = server {
+            server.abort();
+            let _ = server.await;
+        }
+        wait_until("the killed upstream's connections to close", || {
+            self.open_connections() == 0
+        })
+        .await;
+    }
+
+    /// Listens again on the same address (`SO_REUSEADDR`, as a restarted server would).
+    pub async fn restart(&self) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(self.addr).unwrap();
+        self.serve(socket.listen(1024).unwrap());
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (handler, open, requests) = (
+            self.handler.clone(),
+            self.open.clone(),
+            self.requests.clone(),
+        );
+        let server = tokio::spawn(async move {
+            // Dropping the set (when this task is aborted) aborts every connection.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let guard = OpenConnection::new(&open);
+                        let (handler, requests) = (handler.clone(), requests.clone());
+                        connections.spawn(async move {
+                            let _guard = guard;
+                            let service = service_fn(move |request| {
+                                answer_counted(handler.clone(), requests.clone(), request)
+                            });
+                            let _ = auto::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        *self.server.lock().unwrap() = Some(server);
+    }
+}
+
+impl Drop for KillableUpstream {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.lock().unwrap().take() {
+            server.abort();
+        }
+    }
+}
+
+async fn answer_counted(
+    handler: Arc<Handler>,
+    requests: Arc<AtomicUsize>,
+    request: Request<Incoming>,
+) -> Result<Response<MockBody>, std::io::Error> {
+    let (parts, body) = request.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let recorded = Recorded {
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        headers: parts.headers,
+        body,
+    };
+    let reply = handler(&recorded);
+    requests.fetch_add(1, Ordering::SeqCst);
+    render(reply)
+        .await
+        .ok_or_else(|| std::io::Error::other("scripted close"))
+}
+
+impl TestProxy {
+    /// Like [`TestProxy::start`], for an upstream given by its base URL.
+    pub async fn start_for(base_url: &str, extra: &str) -> TestProxy {
+        let key_file = temp_file("api-key", &format!("{TEST_KEY}\n"));
+        let base = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n\
+             [upstream]\nbase_url = \"{base_url}\"\napi_key_file = \"{}\"\n",
+            key_file.display()
+        );
+        TestProxy::start_with_config(&merge_toml(&base, extra)).await
+    }
+
+    /// The value of an unlabelled metric on `/metrics`, read over a connection of its own that
+    /// is closed afterwards (so the scrape leaves no connection or task behind).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        tokio::time::timeout(PATIENCE, stream.read_to_string(&mut text))
+            .await
+            .expect("/metrics did not answer in time")
+            .unwrap();
+        text.lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            value.trim().parse().ok()
+        })
+    }
+}
+
+/// This process's resident set size in bytes, from `/proc/self/status`.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("no VmRSS in /proc/self/status");
+    kib * 1024
+}
+
+/// A small seeded generator, so that a failing random schedule can be replayed.
+pub struct XorShift(u64);
+
+impl XorShift {
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// A number from the environment variable `name`, or `default` when it is unset.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, got {text:?}")),
+        Err(_) => default,
+    }
+}

@@ -1,0 +1,168 @@
+//! Inbound access control: tokens kept only as SHA-256 hashes and compared in constant time, each
+//! with a name for logs and metrics, allowed routes and models, and limits of its own.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap};
+
+use crate::config::{validate_tokens, Config, TokenConfig, TokenFile};
+use crate::error::ProxyError;
+use crate::router::Pattern;
+
+/// A compiled inbound token.
+#[derive(Debug)]
+pub struct Token {
+    pub name: Arc<str>,
+    digest: [u8; 32],
+    routes: Vec<String>,
+    models: Vec<Pattern>,
+    pub max_concurrent: Option<usize>,
+    pub requests_per_minute: Option<u32>,
+}
+
+impl Token {
+    fn compile(config: &TokenConfig) -> Result<Token, String> {
+        let mut digest = [0u8; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = config
+                .sha256
+                .get(2 * i..2 * i + 2)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or_else(|| format!("token \"{}\": sha256 is not 64 hex digits", config.name))?;
+        }
+        Ok(Token {
+            name: Arc::from(config.name.as_str()),
+            digest,
+            routes: config.routes.clone(),
+            models: config.models.iter().map(|m| Pattern::new(m)).collect(),
+            max_concurrent: config.max_concurrent,
+            requests_per_minute: config.requests_per_minute,
+        })
+    }
+
+    /// Whether this token may use `route` for `model`.
+    pub fn allows(&self, route: &str, model: Option<&str>) -> Result<(), ProxyError> {
+        if !self.routes.is_empty() && !self.routes.iter().any(|r| r == route) {
+            return Err(ProxyError::Forbidden(format!("route \"{route}\"")));
+        }
+        if !self.models.is_empty() {
+            let allowed = model.is_some_and(|m| self.models.iter().any(|p| p.matches(m)));
+            if !allowed {
+                return Err(ProxyError::Forbidden(format!(
+                    "model \"{}\"",
+                    model.unwrap_or("")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The configured tokens; empty means the proxy is open (the sidecar shape, on loopback).
+#[derive(Debug, Default)]
+pub struct Tokens(Vec<Token>);
+
+impl Tokens {
+    /// Compiles `[[server.tokens]]` plus the entries of `server.token_file`.
+    pub fn compile(config: &Config) -> Result<Tokens, String> {
+        let mut entries = config.server.tokens.clone();
+        if let Some(path) = &config.server.token_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("server.token_file: cannot read {}: {e}", path.display()))?;
+            let file: TokenFile = toml::from_str(&text)
+                .map_err(|e| format!("server.token_file {}: {}", path.display(), e.message()))?;
+            validate_tokens(&file.tokens, &format!("{} tokens", path.display()))?;
+            entries.extend(file.tokens);
+        }
+        validate_tokens(&entries, "tokens (config and token file together)")?;
+        entries
+            .iter()
+            .map(Token::compile)
+            .collect::<Result<_, _>>()
+            .map(Tokens)
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    /// The caller's token from `Authorization: Bearer <token>`. `Ok(None)` when no tokens are
+    /// configured. Every configured hash is compared, in constant time, whatever matches.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Token>, ProxyError> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ProxyError::Unauthorized)?;
+        let digest = sha256(presented.as_bytes());
+        let mut found = None;
+        for token in &self.0 {
+            if constant_time_eq(&token.digest, &digest) {
+                found = Some(token);
+            }
+        }
+        found.map(Some).ok_or(ProxyError::Unauthorized)
+    }
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// Lowercase hex, for `--hash-token`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(text: &str) -> Tokens {
+        Tokens::compile(&Config::parse(text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn hashes_and_checks() {
+        let hash = hex(&sha256(b"secret-a"));
+        assert_eq!(
+            hex(&sha256(b"abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let tokens = tokens(&format!(
+            "[[server.tokens]]\nname = \"a\"\nsha256 = \"{hash}\"\nroutes = [\"fast\"]\nmodels = [\"openai/*\"]\n"
+        ));
+        let mut headers = HeaderMap::new();
+        assert!(matches!(
+            tokens.authenticate(&headers),
+            Err(ProxyError::Unauthorized)
+        ));
+        headers.insert(header::AUTHORIZATION, "Bearer secret-b".parse().unwrap());
+        assert!(matches!(
+            tokens.authenticate(&headers),
+            Err(ProxyError::Unauthorized)
+        ));
+        headers.insert(header::AUTHORIZATION, "Bearer secret-a".parse().unwrap());
+        let token = tokens.authenticate(&headers).unwrap().unwrap();
+        assert_eq!(&*token.name, "a");
+        assert!(token.allows("fast", Some("openai/gpt-4o")).is_ok());
+        assert!(token.allows("slow", Some("openai/gpt-4o")).is_err());
+        assert!(token.allows("fast", Some("anthropic/x")).is_err());
+        assert!(Tokens::default().authenticate(&headers).unwrap().is_none());
+    }
+}
