@@ -22,6 +22,10 @@ pub const RELOADS: &str = "openrouter_config_reloads_total";
 pub const UPSTREAM_ATTEMPTS: &str = "openrouter_upstream_attempts_total";
 pub const COOLDOWN: &str = "openrouter_model_cooldown";
 pub const OVERHEAD: &str = "openrouter_proxy_overhead_seconds";
+pub const CACHE_EVICTIONS: &str = "openrouter_cache_evictions_total";
+pub const CACHE_COALESCED: &str = "openrouter_cache_coalesced_total";
+pub const CACHE_ENTRIES: &str = "openrouter_cache_entries";
+pub const CACHE_BYTES: &str = "openrouter_cache_bytes";
 
 /// LLM calls take from milliseconds (cache hits, embeddings) to minutes (long generations).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -248,11 +252,6 @@ fn names_model(config: &Config, model: &str) -> bool {
     })
 }
 
-pub const CACHE_EVICTIONS: &str = "openrouter_cache_evictions_total";
-pub const CACHE_COALESCED: &str = "openrouter_cache_coalesced_total";
-pub const CACHE_ENTRIES: &str = "openrouter_cache_entries";
-pub const CACHE_BYTES: &str = "openrouter_cache_bytes";
-
 /// `hit`, `miss` or `bypass`, on a route that caches.
 pub fn cache_result(route: &str, result: &'static str) {
     counter!(CACHE, "route" => route.to_owned(), "result" => result).increment(1);
@@ -270,4 +269,42 @@ pub fn cache_size(entries: u64, bytes: u64) {
 
 pub fn cache_coalesced() {
     counter!(CACHE_COALESCED).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_chosen_models_share_a_budget_and_configured_ones_do_not() {
+        let config = Config::parse(
+            "[metrics]\nmax_model_labels = 1\n\
+             [[routes]]\nname = \"a\"\nmatch = { model = \"unit-alias\" }\n\
+             model = \"unit/target\"\nfallbacks = [\"unit/backup\"]\n\
+             [[routes]]\nname = \"b\"\nmatch = { model = \"unit-glob/*\" }\n",
+        )
+        .unwrap();
+        assert_eq!(model_label(&config, "unit-glob/first"), "unit-glob/first");
+        assert_eq!(model_label(&config, "unit-glob/second"), OTHER_MODEL);
+        // Admitted names stay admitted.
+        assert_eq!(model_label(&config, "unit-glob/first"), "unit-glob/first");
+        for named in ["unit/target", "unit/backup", "unit-alias"] {
+            assert_eq!(model_label(&config, named), named);
+        }
+        // A glob names no model.
+        assert_eq!(model_label(&config, "unit-glob/*"), OTHER_MODEL);
+        assert_eq!(model_label(&config, ""), "");
+        assert_eq!(
+            admitted_label("unit/target").as_deref(),
+            Some("unit/target")
+        );
+        assert_eq!(admitted_label("unit-glob/second"), None);
+    }
+
+    #[test]
+    fn overlong_names_are_never_admitted() {
+        let config = Config::default();
+        let long = format!("unit-long/{}", "x".repeat(MAX_MODEL_LABEL_LEN));
+        assert_eq!(model_label(&config, &long), OTHER_MODEL);
+    }
 }

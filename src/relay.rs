@@ -192,6 +192,17 @@ impl ProxyBody {
     }
 }
 
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        // A client that leaves mid-stream still used the tokens reported so far.
+        if let (Some(record), Source::Stream(relay)) = (&mut self.record, &self.source) {
+            if let Some(usage) = relay.scanner.as_ref().and_then(|s| s.usage) {
+                record.usage = Some(usage);
+            }
+        }
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
