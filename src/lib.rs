@@ -4,6 +4,7 @@
 //! server in-process on port 0.
 
 pub mod admin;
+pub mod attempt;
 pub mod auth;
 pub mod body;
 pub mod cache;

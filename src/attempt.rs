@@ -1,0 +1,577 @@
+//! Upstream attempts and the chain of them: sending one attempt, deciding whether its answer is a
+//! failure another model may make up for (statuses, timeouts, errors sent with status 200, SSE
+//! error events before content), holding a stream's preamble until that is known, and continuing
+//! a stream that broke midway when the route asks for it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::body::JsonBody;
+use crate::config::Midstream;
+use crate::error::{AttemptNote, ProxyError};
+use crate::health::Policy;
+use crate::proxy::{strip_hop_by_hop, Shared, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
+use crate::relay::{ProxyBody, Relay, RequestRecord, Resume, ResumeFuture};
+use crate::reload::Runtime;
+use crate::router::Route;
+use crate::sse::{Event, Scanner};
+use crate::upstream::UpstreamClient;
+
+/// What every attempt of one request shares.
+pub(crate) struct Outbound<'a> {
+    pub(crate) runtime: &'a Runtime,
+    pub(crate) route: &'a Route,
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) headers: HeaderMap,
+    /// The raw body, sent as it is when the model is not rewritten.
+    pub(crate) bytes: Bytes,
+    pub(crate) json: Option<JsonBody>,
+    /// More than one model may answer: failures are inspected and fall back.
+    pub(crate) inspect: bool,
+}
+
+impl Outbound<'_> {
+    fn body_for(&self, model: Option<&str>) -> Bytes {
+        match (model, &self.json) {
+            (Some(model), Some(json)) => json.with_model(model),
+            _ => self.bytes.clone(),
+        }
+    }
+
+    fn request(&self, body: Bytes) -> Request<Full<Bytes>> {
+        upstream_request(&self.method, &self.uri, &self.headers, body)
+    }
+}
+
+/// Tries the models of the chain in order until one answers.
+pub(crate) async fn run_chain(
+    shared: &Shared,
+    outbound: &Outbound<'_>,
+    chain: &[Option<&str>],
+    requested_model: Option<&str>,
+    record: &mut RequestRecord,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let runtime = outbound.runtime;
+    let max_attempts = runtime.config.fallback.max_attempts;
+    let policy = Policy {
+        failures: runtime.config.fallback.cooldown_failures,
+        cooldown: runtime.config.fallback.cooldown,
+    };
+    let mut notes: Vec<AttemptNote> = Vec::new();
+    let mut last_failure: Option<Failure> = None;
+    let mut retried_same_model = false;
+    let mut index = 0;
+    let mut tried = 0;
+    while index < chain.len() && tried < max_attempts {
+        let model = chain[index].or(requested_model);
+        let label = model.unwrap_or("");
+        let untried_last = tried == 0 && index + 1 == chain.len();
+        if !untried_last && shared.health.should_skip(label, Instant::now(), policy) {
+            // Cooling down after repeated failures; the last model is tried anyway rather than
+            // failing the request without a single attempt.
+            notes.push(AttemptNote::skipped(label));
+            index += 1;
+            if let Some(next) = chain.get(index) {
+                let next = next.or(requested_model).unwrap_or("");
+                crate::metrics::fallback(&runtime.config, label, next, "cooldown");
+            }
+            continue;
+        }
+        tried += 1;
+        record.attempts = tried;
+        let started = Instant::now();
+        match attempt(outbound, chain[index], model, started, record).await {
+            Ok(mut response) => {
+                crate::metrics::upstream_attempt(&runtime.config, label, "answered");
+                shared.health.record_success(label);
+                record.served_model = model.map(str::to_owned);
+                if let Some(model) = model.and_then(|m| HeaderValue::from_str(m).ok()) {
+                    response.headers_mut().insert(X_PROXY_MODEL.clone(), model);
+                }
+                response
+                    .headers_mut()
+                    .insert(X_PROXY_ATTEMPTS.clone(), HeaderValue::from(tried));
+                return Ok(response);
+            }
+            Err(failure) => {
+                crate::metrics::upstream_attempt(&runtime.config, label, failure.reason.label());
+                shared.health.record_failure(label, Instant::now(), policy);
+                tracing::warn!(
+                    request_id = %record.request_id,
+                    model = label,
+                    reason = %failure.describe(),
+                    "upstream attempt failed"
+                );
+                notes.push(AttemptNote::failed(
+                    label,
+                    failure.describe(),
+                    failure.status,
+                ));
+                // A short Retry-After on a 429 is worth waiting for on the same model, once.
+                let wait = failure
+                    .retry_after
+                    .filter(|wait| *wait <= runtime.config.fallback.retry_after_max);
+                if let (Some(wait), false, true) = (wait, retried_same_model, tried < max_attempts)
+                {
+                    retried_same_model = true;
+                    tokio::time::sleep(wait).await;
+                    last_failure = Some(failure);
+                    continue;
+                }
+                retried_same_model = false;
+                index += 1;
+                if let Some(next) = chain.get(index).filter(|_| tried < max_attempts) {
+                    let next = next.or(requested_model).unwrap_or("");
+                    crate::metrics::fallback(&runtime.config, label, next, failure.reason.label());
+                }
+                last_failure = Some(failure);
+            }
+        }
+    }
+    Err(match (last_failure, notes.len()) {
+        // A single attempt keeps its own precise error (unreachable 502, timeout 504).
+        (Some(failure), 1) => failure.into_error(),
+        (last, _) => ProxyError::AllAttemptsFailed {
+            status: last.map_or(StatusCode::BAD_GATEWAY, |f| f.summary_status()),
+            attempts: notes,
+        },
+    })
+}
+
+/// Why an attempt did not produce an answer for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Connect,
+    Timeout,
+    Status(u16),
+    /// OpenRouter's "unavailable" answer with status 200: an `error` object in the JSON body, or an
+    /// SSE error event before any content.
+    Unavailable,
+    /// The stream ended or broke before any content.
+    StreamFailed,
+    Transport,
+}
+
+impl Reason {
+    fn label(self) -> &'static str {
+        match self {
+            Reason::Connect => "connect_error",
+            Reason::Timeout => "timeout",
+            Reason::Status(429) => "rate_limited",
+            Reason::Status(408) => "status_408",
+            Reason::Status(status) if status >= 500 => "status_5xx",
+            Reason::Status(_) => "status_4xx",
+            Reason::Unavailable => "unavailable",
+            Reason::StreamFailed => "stream_failed",
+            Reason::Transport => "upstream_error",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Failure {
+    reason: Reason,
+    detail: String,
+    status: Option<StatusCode>,
+    retry_after: Option<Duration>,
+    timeout: Duration,
+}
+
+impl Failure {
+    fn new(reason: Reason, detail: String) -> Failure {
+        Failure {
+            reason,
+            detail,
+            status: None,
+            retry_after: None,
+            timeout: Duration::ZERO,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self.reason {
+            Reason::Status(status) if self.detail.is_empty() => format!("status {status}"),
+            Reason::Status(status) => format!("status {status}: {}", self.detail),
+            _ => self.detail.clone(),
+        }
+    }
+
+    /// The status of the all-attempts-failed answer when this was the last failure.
+    fn summary_status(&self) -> StatusCode {
+        match (self.status, self.reason) {
+            (Some(status), _) if status.as_u16() >= 400 => status,
+            (_, Reason::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn into_error(self) -> ProxyError {
+        match self.reason {
+            Reason::Connect => ProxyError::UpstreamConnect(self.detail),
+            Reason::Timeout => ProxyError::UpstreamTimeout(self.timeout),
+            _ => ProxyError::Upstream(self.describe()),
+        }
+    }
+}
+
+/// One upstream attempt. `Ok` is an answer the client gets (success, or an error that is the
+/// client's own); `Err` is a failure another model may make up for.
+async fn attempt(
+    out: &Outbound<'_>,
+    rewrite: Option<&str>,
+    model: Option<&str>,
+    started: Instant,
+    record: &mut RequestRecord,
+) -> Result<Response<ProxyBody>, Failure> {
+    let timeout = out.route.first_byte_timeout;
+    let request = out.request(out.body_for(rewrite));
+    record.mark_dispatched();
+    let response = send(&out.runtime.client, request, timeout).await?;
+    let status = response.status();
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let fallback_status = status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || out.runtime.fallback_on_status(status.as_u16());
+    if out.inspect && fallback_status {
+        let retry_after = retry_after(&parts.headers);
+        let detail = error_detail(body).await;
+        return Err(Failure {
+            reason: Reason::Status(status.as_u16()),
+            detail,
+            status: Some(status),
+            retry_after,
+            timeout,
+        });
+    }
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let idle = out.runtime.config.upstream.stream_idle_timeout;
+    if !status.is_success() {
+        return Ok(Response::from_parts(
+            parts,
+            ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle)),
+        ));
+    }
+    let body = if content_type.starts_with("text/event-stream") {
+        let resumable = out.route.on_midstream == Midstream::Resume && out.json.is_some();
+        let mut scanner = Scanner::new(resumable);
+        let (held, body) = if out.inspect {
+            hold_until_content(body, &mut scanner, started + timeout, timeout).await?
+        } else {
+            (VecDeque::new(), body)
+        };
+        // Only chat and text completions promise a closing `[DONE]`.
+        let expect_done = out.json.as_ref().is_some_and(|j| j.stream);
+        let mut relay = Relay::new(body, held, Some(scanner), idle).expect_done(expect_done);
+        if resumable {
+            if let Some(continuation) = Continuation::new(out, model) {
+                relay = relay.with_resume(Box::new(continuation));
+            }
+        }
+        ProxyBody::relay(relay)
+    } else if content_type.starts_with("application/json") {
+        let limit = out.runtime.config.fallback.max_inspect_bytes;
+        match read_bounded(body, limit, started + timeout, timeout).await? {
+            Bounded::Complete(bytes) => {
+                if out.inspect {
+                    if let Some(message) = crate::sse::json_body_error(&bytes) {
+                        return Err(Failure::new(Reason::Unavailable, message));
+                    }
+                }
+                record.usage = crate::sse::json_body_usage(&bytes);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                ProxyBody::full(bytes)
+            }
+            Bounded::TooLarge(held, body) => ProxyBody::relay(Relay::new(body, held, None, idle)),
+        }
+    } else {
+        ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle))
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Reads a streaming answer until its first content event, holding back what came before
+/// (status, headers, keep-alive comments), so that an error event in its place can still fall
+/// back invisibly. The moment content shows up, everything held goes out.
+async fn hold_until_content(
+    mut body: Incoming,
+    scanner: &mut Scanner,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(VecDeque<Bytes>, Incoming), Failure> {
+    let mut held = VecDeque::new();
+    loop {
+        let frame = tokio::time::timeout_at(deadline.into(), body.frame()).await;
+        let frame = match frame {
+            Err(_) => {
+                let mut failure = Failure::new(
+                    Reason::Timeout,
+                    format!("no content within {}", humantime::format_duration(timeout)),
+                );
+                failure.timeout = timeout;
+                return Err(failure);
+            }
+            Ok(None) if scanner.done => return Ok((held, body)),
+            Ok(None) => {
+                return Err(Failure::new(
+                    Reason::StreamFailed,
+                    "the stream ended before any content".into(),
+                ));
+            }
+            Ok(Some(Err(error))) => {
+                return Err(Failure::new(
+                    Reason::StreamFailed,
+                    format!("the stream broke before any content: {error}"),
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let mut verdict: Option<Result<(), String>> = None;
+        scanner.feed(&data, |event| {
+            if verdict.is_none() {
+                match event {
+                    Event::Error(message) => verdict = Some(Err(message)),
+                    Event::Content | Event::Done => verdict = Some(Ok(())),
+                    Event::KeepAlive => {}
+                }
+            }
+        });
+        held.push_back(data);
+        match verdict {
+            Some(Err(message)) => return Err(Failure::new(Reason::Unavailable, message)),
+            Some(Ok(())) => return Ok((held, body)),
+            None => {}
+        }
+    }
+}
+
+enum Bounded {
+    Complete(Bytes),
+    /// Over the inspection limit: what was read so far, and the rest still to come.
+    TooLarge(VecDeque<Bytes>, Incoming),
+}
+
+/// Reads a non-streaming answer whole when it fits in `limit`.
+async fn read_bounded(
+    mut body: Incoming,
+    limit: usize,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Bounded, Failure> {
+    let mut held: VecDeque<Bytes> = VecDeque::new();
+    let mut size = 0;
+    loop {
+        // The whole answer must arrive within the first-byte budget plus the idle allowance of a
+        // stream; a stalled body is a failed attempt while nothing has reached the client.
+        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            Ok(frame) => frame,
+            Err(_) => match tokio::time::timeout(timeout, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => {
+                    let mut failure = Failure::new(Reason::Timeout, "the answer stalled".into());
+                    failure.timeout = timeout;
+                    return Err(failure);
+                }
+            },
+        };
+        match frame {
+            None => break,
+            Some(Err(error)) => {
+                return Err(Failure::new(
+                    Reason::Transport,
+                    format!("the answer broke off: {error}"),
+                ));
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len();
+                    held.push_back(data);
+                    if size > limit {
+                        return Ok(Bounded::TooLarge(held, body));
+                    }
+                }
+            }
+        }
+    }
+    Ok(Bounded::Complete(match held.len() {
+        0 => Bytes::new(),
+        1 => held.pop_front().unwrap_or_default(),
+        _ => {
+            let mut joined = BytesMut::with_capacity(size);
+            for part in held {
+                joined.extend_from_slice(&part);
+            }
+            joined.freeze()
+        }
+    }))
+}
+
+/// The start of a failed answer's error message, for the attempt summary: bounded in size and
+/// time, since nothing of it reaches the client.
+async fn error_detail(body: Incoming) -> String {
+    let read = Limited::new(body, 16 * 1024).collect();
+    match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(collected)) => {
+            let bytes = collected.to_bytes();
+            crate::sse::json_body_error(&bytes).unwrap_or_else(|| {
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                    .trim()
+                    .to_owned()
+            })
+        }
+        _ => String::new(),
+    }
+}
+
+/// `Retry-After` in seconds (the form OpenRouter and most APIs use).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+fn upstream_request(
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri.clone();
+    *request.headers_mut() = headers.clone();
+    request
+}
+
+/// One upstream attempt up to the response head, bounded by the first-byte timeout.
+async fn send(
+    client: &UpstreamClient,
+    request: Request<Full<Bytes>>,
+    first_byte_timeout: Duration,
+) -> Result<Response<Incoming>, Failure> {
+    match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(error)) if error.is_connect() => {
+            Err(Failure::new(Reason::Connect, error_chain(&error)))
+        }
+        Ok(Err(error)) => Err(Failure::new(Reason::Transport, error_chain(&error))),
+        Err(_) => {
+            let mut failure = Failure::new(
+                Reason::Timeout,
+                format!(
+                    "no response within {}",
+                    humantime::format_duration(first_byte_timeout)
+                ),
+            );
+            failure.timeout = first_byte_timeout;
+            Err(failure)
+        }
+    }
+}
+
+/// Continues a stream that broke after content reached the client, on the next models of the
+/// chain, with the original messages plus the partial answer as an assistant prefix.
+struct Continuation {
+    client: UpstreamClient,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: serde_json::Map<String, serde_json::Value>,
+    models: Arc<Mutex<VecDeque<String>>>,
+    timeout: Duration,
+}
+
+impl Continuation {
+    fn new(out: &Outbound<'_>, serving: Option<&str>) -> Option<Continuation> {
+        let json = out.json.as_ref()?;
+        let body: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&json.bytes).ok()?;
+        body.get("messages")?.as_array()?;
+        let chain = out.route.chain();
+        let position = chain.iter().position(|m| *m == serving)?;
+        let models: VecDeque<String> = chain[position + 1..]
+            .iter()
+            .flatten()
+            .map(|m| (*m).to_owned())
+            .collect();
+        Some(Continuation {
+            client: out.runtime.client.clone(),
+            method: out.method.clone(),
+            uri: out.uri.clone(),
+            headers: out.headers.clone(),
+            body,
+            models: Arc::new(Mutex::new(models)),
+            timeout: out.route.first_byte_timeout,
+        })
+    }
+}
+
+impl Resume for Continuation {
+    fn resume(&mut self, partial: &str) -> Option<ResumeFuture> {
+        if self.models.lock().ok()?.is_empty() {
+            return None;
+        }
+        let mut body = self.body.clone();
+        if let Some(serde_json::Value::Array(messages)) = body.get_mut("messages") {
+            messages.push(serde_json::json!({"role": "assistant", "content": partial}));
+        }
+        let (client, method, uri, headers) = (
+            self.client.clone(),
+            self.method.clone(),
+            self.uri.clone(),
+            self.headers.clone(),
+        );
+        let models = self.models.clone();
+        let timeout = self.timeout;
+        Some(Box::pin(async move {
+            loop {
+                let model = models.lock().ok()?.pop_front()?;
+                body.insert("model".to_owned(), serde_json::Value::String(model.clone()));
+                let bytes = Bytes::from(serde_json::to_vec(&body).ok()?);
+                let request = upstream_request(&method, &uri, &headers, bytes);
+                match send(&client, request, timeout).await {
+                    Ok(response) if response.status().is_success() => {
+                        tracing::info!(model = %model, "stream resumed");
+                        return Some((response.into_body(), model));
+                    }
+                    Ok(response) => {
+                        tracing::warn!(model = %model, status = response.status().as_u16(), "resume attempt failed");
+                    }
+                    Err(failure) => {
+                        tracing::warn!(model = %model, reason = %failure.describe(), "resume attempt failed");
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
