@@ -489,7 +489,14 @@ fn proxy_binary(options: &Options) -> PathBuf {
     binary
 }
 
-/// Each open stream costs two descriptors here (client and mock side) and two in the proxy.
+/// How many streams the open-file limit allows: each costs two descriptors here (client and mock
+/// side) and two in the proxy (client and upstream side), which inherits the limit.
+fn stream_capacity() -> usize {
+    let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
+    (soft as usize).saturating_sub(256) / 2
+}
+
+/// Raises the open-file limit as far as the streams need and the process may.
 fn raise_fd_limit(streams: usize) {
     let want = (2 * streams + 4096) as u64;
     let (soft, hard) = rlimit::Resource::NOFILE.get().unwrap_or((1024, 1024));
@@ -503,8 +510,9 @@ fn raise_fd_limit(streams: usize) {
     let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((soft, hard));
     if soft < want {
         eprintln!(
-            "warning: open-file limit is {soft}, {streams} streams need about {want}; \
-             raise it with `ulimit -n {want}` (as root) or pass a smaller --streams"
+            "note: the open-file limit is {soft} and {streams} streams need about {want}; the \
+             memory run opens {} and projects the rest (raise the hard limit to measure all)",
+            stream_capacity()
         );
     }
 }
@@ -861,6 +869,8 @@ async fn compare_sse(
 }
 
 struct MemoryResult {
+    /// The count asked for; `streams` may be lower when descriptors do not suffice.
+    asked: usize,
     streams: usize,
     opened: usize,
     failure: Option<String>,
@@ -925,6 +935,9 @@ async fn memory_run(
                         .send_request(target.request(&body, Some(hold)))
                         .await
                         .map_err(|e| format!("request: {e}"))?;
+                    if !response.status().is_success() {
+                        return Err(format!("the proxy answered {}", response.status()));
+                    }
                     let mut body = response.into_body();
                     // The first chunk has arrived: the stream is open end to end.
                     body.frame()
@@ -972,6 +985,7 @@ async fn memory_run(
     }
     drop(proxy);
     MemoryResult {
+        asked: n,
         streams: n,
         opened,
         failure,
@@ -1127,9 +1141,12 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     drop(proxy);
 
     let mut memory = Vec::new();
-    for &n in &options.streams {
+    for &asked in &options.streams {
+        let n = asked.min(stream_capacity());
         eprintln!("memory: {n} open streams through a fresh proxy ...");
-        memory.push(memory_run(binary, mock, n, options.source_ips).await);
+        let mut result = memory_run(binary, mock, n, options.source_ips).await;
+        result.asked = asked;
+        memory.push(result);
     }
 
     // The report.
@@ -1280,6 +1297,26 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
             "< 40 KiB",
             Some(m.per_stream_kib() < 40.0),
         );
+        if m.streams < m.asked {
+            let (soft, _) = rlimit::Resource::NOFILE.get().unwrap_or((0, 0));
+            let projected = m.rss_before_kib as f64 + m.per_stream_kib() * m.asked as f64;
+            table.row(
+                &format!(
+                    "proxy RSS projected to {} streams ({} measured: the open-file limit of \
+                     {soft} allows no more)",
+                    m.asked, m.streams
+                ),
+                "–".into(),
+                kib(projected as u64),
+                "".into(),
+                if m.asked >= 10_000 {
+                    "< 400 MiB (of a 512 MiB limit)"
+                } else {
+                    ""
+                },
+                (m.asked >= 10_000).then_some(projected < 400.0 * 1024.0),
+            );
+        }
         table.row(
             &format!(
                 "proxy RSS idle → with {label} (opened in {:.1} s)",
