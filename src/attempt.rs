@@ -285,12 +285,13 @@ async fn attempt(
         let limit = out.runtime.config.fallback.max_inspect_bytes;
         match read_bounded(body, limit, started + timeout, timeout).await? {
             Bounded::Complete(bytes) => {
+                let answer = crate::sse::json_answer(&bytes);
                 if out.inspect {
-                    if let Some(message) = crate::sse::json_body_error(&bytes) {
+                    if let Some(message) = answer.error {
                         return Err(Failure::new(Reason::Unavailable, message));
                     }
                 }
-                record.usage = crate::sse::json_body_usage(&bytes);
+                record.usage = answer.usage;
                 parts.headers.remove(header::CONTENT_LENGTH);
                 ProxyBody::full(bytes)
             }

@@ -64,6 +64,9 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Concurrent streams per HTTP/2 client connection.
     pub http2_max_concurrent_streams: u32,
+    /// Threads serving requests: 1 runs everything on one thread (least overhead per request,
+    /// suits a sidecar), N > 1 uses N worker threads, 0 one per CPU core (a shared gateway).
+    pub worker_threads: usize,
     /// Inbound tokens: when any is configured, every request must carry one as
     /// `Authorization: Bearer <token>` (what OpenAI SDKs send as their `api_key`).
     pub tokens: Vec<TokenConfig>,
@@ -112,6 +115,7 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             http2_max_concurrent_streams: 256,
+            worker_threads: 1,
             tokens: Vec::new(),
             token_file: None,
         }
@@ -360,6 +364,12 @@ impl Config {
             ));
         }
         positive(s.max_headers as u64, "server.max_headers")?;
+        if s.worker_threads > 1024 {
+            return Err(format!(
+                "server.worker_threads: at most 1024, got {}",
+                s.worker_threads
+            ));
+        }
         positive(
             u64::from(s.http2_max_concurrent_streams),
             "server.http2_max_concurrent_streams",

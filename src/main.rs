@@ -102,10 +102,18 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(live.config());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread (the default) runs everything on the current-thread scheduler: no hand-offs
+    // between workers on the request path, which is what a sidecar with a CPU or two wants.
+    let mut builder = match live.config().server.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("openrouter-proxy: cannot start the async runtime: {error}");

@@ -1,11 +1,11 @@
 //! Metric names, the recording helpers the pipeline calls, the bound on model label values, and
 //! the Prometheus recorder the admin listener renders.
 
-use std::collections::HashSet;
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{counter, gauge, histogram, Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Config;
@@ -126,20 +126,82 @@ pub fn request_started() {
 /// Records a finished request (answered, failed, or abandoned by the client). `model` is a label
 /// value already bounded by [`model_label`].
 pub fn request_finished(
-    route: &str,
+    route: &Arc<str>,
     model: &str,
     status: u16,
     duration: Duration,
     first_byte: Option<Duration>,
 ) {
     gauge!(ACTIVE).decrement(1.0);
-    let labels = [("route", route.to_owned()), ("model", model.to_owned())];
-    counter!(REQUESTS, "route" => route.to_owned(), "model" => model.to_owned(), "status" => status.to_string())
-        .increment(1);
-    histogram!(LATENCY, &labels).record(duration.as_secs_f64());
+    let series = series(route, model);
+    series.requests(status).increment(1);
+    series.latency.record(duration.as_secs_f64());
     if let Some(first_byte) = first_byte {
-        histogram!(TIME_TO_FIRST_BYTE, &labels).record(first_byte.as_secs_f64());
+        series.first_byte.record(first_byte.as_secs_f64());
     }
+}
+
+/// The handles recorded into at the end of every request, for one route and model. Looking them up
+/// here costs one hash per level; going through the registry would build and hash owned label sets
+/// for every metric of every request.
+struct Series {
+    route: Arc<str>,
+    model: Arc<str>,
+    latency: Histogram,
+    first_byte: Histogram,
+    by_status: RwLock<HashMap<u16, Counter>>,
+}
+
+impl Series {
+    fn requests(&self, status: u16) -> Counter {
+        let read = self
+            .by_status
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(counter) = read.get(&status) {
+            return counter.clone();
+        }
+        drop(read);
+        let mut write = self
+            .by_status
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        write
+            .entry(status)
+            .or_insert_with(|| {
+                counter!(REQUESTS, "route" => self.route.clone(), "model" => self.model.clone(), "status" => status.to_string())
+            })
+            .clone()
+    }
+}
+
+type SeriesByRoute = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Series>>>;
+
+fn series(route: &Arc<str>, model: &str) -> Arc<Series> {
+    static SERIES: OnceLock<RwLock<SeriesByRoute>> = OnceLock::new();
+    let all = SERIES.get_or_init(RwLock::default);
+    let read = all.read().unwrap_or_else(PoisonError::into_inner);
+    if let Some(series) = read.get(route).and_then(|models| models.get(model)) {
+        return series.clone();
+    }
+    drop(read);
+    let mut write = all.write().unwrap_or_else(PoisonError::into_inner);
+    let model: Arc<str> = Arc::from(model);
+    write
+        .entry(route.clone())
+        .or_default()
+        .entry(model.clone())
+        .or_insert_with(|| {
+            let labels = [("route", route.to_string()), ("model", model.to_string())];
+            Arc::new(Series {
+                route: route.clone(),
+                model,
+                latency: histogram!(LATENCY, &labels),
+                first_byte: histogram!(TIME_TO_FIRST_BYTE, &labels),
+                by_status: RwLock::default(),
+            })
+        })
+        .clone()
 }
 
 /// The proxy's own share of a request's time (see [`OVERHEAD`]'s description).

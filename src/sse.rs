@@ -245,26 +245,40 @@ pub fn error_message(error: &RawValue) -> String {
     }
 }
 
-/// The top-level `error` of a complete JSON body, if it has one ("unavailable" answers that
-/// OpenRouter sends with status 200).
-pub fn json_body_error(body: &[u8]) -> Option<String> {
+/// What the proxy needs from a complete JSON answer, read in one pass.
+#[derive(Debug, Default, PartialEq)]
+pub struct JsonAnswer {
+    /// The message of a top-level `error` ("unavailable" answers that OpenRouter sends with
+    /// status 200).
+    pub error: Option<String>,
+    pub usage: Option<Usage>,
+}
+
+/// Reads the top-level `error` and `usage` of a JSON answer. A body that mentions neither word is
+/// not parsed at all.
+pub fn json_answer(body: &[u8]) -> JsonAnswer {
     #[derive(Deserialize)]
     struct Top<'a> {
         #[serde(borrow, default)]
         error: Option<&'a RawValue>,
-    }
-    let top: Top<'_> = serde_json::from_slice(body).ok()?;
-    top.error.filter(|e| e.get() != "null").map(error_message)
-}
-
-/// The `usage` of a complete JSON body.
-pub fn json_body_usage(body: &[u8]) -> Option<Usage> {
-    #[derive(Deserialize)]
-    struct Top {
         #[serde(default)]
         usage: Option<Usage>,
     }
-    serde_json::from_slice::<Top>(body).ok()?.usage
+    if memmem::find(body, b"\"error\"").is_none() && memmem::find(body, b"\"usage\"").is_none() {
+        return JsonAnswer::default();
+    }
+    match serde_json::from_slice::<Top<'_>>(body) {
+        Ok(top) => JsonAnswer {
+            error: top.error.filter(|e| e.get() != "null").map(error_message),
+            usage: top.usage,
+        },
+        Err(_) => JsonAnswer::default(),
+    }
+}
+
+/// The top-level `error` of a complete JSON body, if it has one.
+pub fn json_body_error(body: &[u8]) -> Option<String> {
+    json_answer(body).error
 }
 
 #[cfg(test)]
@@ -351,7 +365,7 @@ mod tests {
         assert_eq!(json_body_error(br#"{"error":null,"choices":[]}"#), None);
         assert_eq!(json_body_error(br#"{"choices":[]}"#), None);
         assert_eq!(
-            json_body_usage(br#"{"usage":{"prompt_tokens":1,"completion_tokens":2}}"#),
+            json_answer(br#"{"usage":{"prompt_tokens":1,"completion_tokens":2}}"#).usage,
             Some(Usage {
                 prompt_tokens: 1,
                 completion_tokens: 2,
