@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use openrouter_proxy::config::LogFormat;
 use openrouter_proxy::Config;
 use openrouter_proxy::{serve_live, Listeners, LiveConfig, ReloadTrigger};
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
@@ -134,10 +133,20 @@ async fn run(live: LiveConfig) -> Result<(), String> {
     // Installed before "listening" is logged: SIGHUP's default action would end the process.
     reload_on_hangup(live.trigger())?;
     let config = live.config();
-    let bind = |addr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    // The accept queue holds the connections over `max_connections` and connection bursts; the
+    // 128 that `TcpListener::bind` asks for drops the rest (the kernel caps it at somaxconn).
+    let bind = |addr: std::net::SocketAddr| async move {
+        let listen = || {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()
+            } else {
+                tokio::net::TcpSocket::new_v6()
+            }?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(4096)
+        };
+        listen().map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
     let listeners = Listeners {
         api: bind(config.server.listen).await?,

@@ -42,6 +42,9 @@ pub struct Scanner {
     has_comment: bool,
     /// A chunk ended in `\r`: a `\n` starting the next chunk belongs to the same line break.
     after_cr: bool,
+    /// A line of the current event has been read (any field, not only `data:` or a comment):
+    /// the event is not over until its blank line.
+    in_event: bool,
     seen_content: bool,
     /// Collect the text of `choices[0].delta.content` (needed to resume a broken stream).
     collect_text: bool,
@@ -73,12 +76,13 @@ impl Scanner {
         self.has_data = false;
         self.has_comment = false;
         self.after_cr = false;
+        self.in_event = false;
         self.done = false;
     }
 
     /// True when the bytes so far end exactly at an event boundary.
     pub fn at_boundary(&self) -> bool {
-        self.line.is_empty() && !self.has_data && !self.has_comment
+        self.line.is_empty() && !self.in_event
     }
 
     /// Scans `chunk`, calling `on_event` for each event it completes. Returns the offset just
@@ -86,6 +90,10 @@ impl Scanner {
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(Event)) -> Option<usize> {
         let mut pos = 0;
         let mut boundary = None;
+        // An empty chunk changes nothing, not even a pending `\r`.
+        if chunk.is_empty() {
+            return None;
+        }
         if self.after_cr {
             self.after_cr = false;
             if chunk.first() == Some(&b'\n') {
@@ -132,6 +140,7 @@ impl Scanner {
             }
             return true;
         }
+        self.in_event = true;
         if line[0] == b':' {
             self.has_comment = true;
         } else if let Some(value) = field(line, b"data") {
@@ -146,6 +155,7 @@ impl Scanner {
     }
 
     fn dispatch(&mut self) -> Option<Event> {
+        self.in_event = false;
         let had_comment = std::mem::take(&mut self.has_comment);
         if !std::mem::take(&mut self.has_data) {
             return had_comment.then_some(Event::KeepAlive);

@@ -117,7 +117,8 @@ pub fn check_path(rest: &str) -> bool {
     if lower.contains("%2f")
         || lower.contains("%5c")
         || lower.contains("%2e")
-        || rest.contains('\\')
+        || rest.contains(['\\', '?', '#'])
+        || !(rest.is_empty() || rest.starts_with('/'))
     {
         return false;
     }

@@ -653,7 +653,7 @@ impl KillableUpstream {
     pub async fn start(
         handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static,
     ) -> KillableUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = listen_deep(SocketAddr::from(([127, 0, 0, 1], 0)));
         let upstream = KillableUpstream {
             addr: listener.local_addr().unwrap(),
             handler: Arc::new(handler),
@@ -693,10 +693,7 @@ impl KillableUpstream {
 
     /// Listens again on the same address (`SO_REUSEADDR`, as a restarted server would).
     pub async fn restart(&self) {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_reuseaddr(true).unwrap();
-        socket.bind(self.addr).unwrap();
-        self.serve(socket.listen(1024).unwrap());
+        self.serve(listen_deep(self.addr));
     }
 
     fn serve(&self, listener: TcpListener) {
@@ -730,6 +727,15 @@ impl KillableUpstream {
         });
         *self.server.lock().unwrap() = Some(server);
     }
+}
+
+/// A listener with `SO_REUSEADDR` and an accept queue of 4096 (`TcpListener::bind` asks for
+/// 128, which drops connections when thousands arrive at once).
+fn listen_deep(addr: SocketAddr) -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket.listen(4096).unwrap()
 }
 
 impl Drop for KillableUpstream {
