@@ -49,7 +49,8 @@ usage: cargo bench --bench load -- [FLAGS]
   --streams A,B         open-stream counts for the memory runs (default 1000,10000; 0 skips)
   --source-ips N        spread memory-run connections over 127.0.0.2 .. 127.0.0.(N+1)
                         (default: one more address per 20000 streams)
-  --proxy PATH          the proxy binary (default: target/release/openrouter-proxy, built if missing)";
+  --proxy PATH          the proxy binary (default: target/release/openrouter-proxy, built if missing)
+  --worker-threads N    the proxy's server.worker_threads (default 1; 0: one per core)";
 
 /// The request header that makes the mock answer with SSE: `<chunks> <interval_us> <hold 0|1>`.
 const SSE_HEADER: &str = "x-bench-sse";
@@ -74,6 +75,8 @@ struct Options {
     streams: Vec<usize>,
     source_ips: Option<usize>,
     proxy: Option<PathBuf>,
+    /// `server.worker_threads` of the proxy under test.
+    worker_threads: usize,
 }
 
 impl Options {
@@ -89,6 +92,7 @@ impl Options {
             streams: vec![1_000, 10_000],
             source_ips: None,
             proxy: None,
+            worker_threads: 1,
         };
         let number = |value: Option<&String>, flag: &str| -> Result<usize, String> {
             value
@@ -124,6 +128,7 @@ impl Options {
                     options.sse_interval = Duration::from_millis(number(it.next(), arg)? as u64)
                 }
                 "--streams" => options.streams = list(it.next(), arg)?,
+                "--worker-threads" => options.worker_threads = number(it.next(), arg)?,
                 "--source-ips" => options.source_ips = Some(number(it.next(), arg)?.clamp(1, 250)),
                 "--proxy" => {
                     options.proxy = Some(it.next().ok_or("--proxy needs a path")?.into());
@@ -357,7 +362,12 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    fn start(binary: &Path, upstream: SocketAddr, max_connections: usize) -> ProxyProcess {
+    fn start(
+        binary: &Path,
+        upstream: SocketAddr,
+        max_connections: usize,
+        worker_threads: usize,
+    ) -> ProxyProcess {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-load");
         std::fs::create_dir_all(&dir).unwrap();
@@ -373,6 +383,7 @@ impl ProxyProcess {
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 max_connections = {max_connections}
+worker_threads = {worker_threads}
 drain_delay = "0s"
 shutdown_grace = "1s"
 
@@ -892,8 +903,9 @@ async fn memory_run(
     mock: &Mock,
     n: usize,
     source_ips: Option<usize>,
+    worker_threads: usize,
 ) -> MemoryResult {
-    let proxy = ProxyProcess::start(binary, mock.addr, (2 * n).max(20_000));
+    let proxy = ProxyProcess::start(binary, mock.addr, (2 * n).max(20_000), worker_threads);
     let target = Target::new(proxy.api, "/v1/chat/completions");
     // Warm the proxy up with both kinds of request so one-time allocations are in the baseline.
     let senders = connect_all(proxy.api, 4).await;
@@ -1082,7 +1094,7 @@ fn main() {
 }
 
 async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
-    let proxy = ProxyProcess::start(binary, mock.addr, 20_000);
+    let proxy = ProxyProcess::start(binary, mock.addr, 20_000, options.worker_threads);
     let direct = Target::new(mock.addr, "/api/v1/chat/completions");
     let proxied = Target::new(proxy.api, "/v1/chat/completions");
     let targets = [&direct, &proxied];
@@ -1144,7 +1156,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     for &asked in &options.streams {
         let n = asked.min(stream_capacity());
         eprintln!("memory: {n} open streams through a fresh proxy ...");
-        let mut result = memory_run(binary, mock, n, options.source_ips).await;
+        let mut result = memory_run(binary, mock, n, options.source_ips, options.worker_threads).await;
         result.asked = asked;
         memory.push(result);
     }
@@ -1154,8 +1166,8 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     println!("## Proxy vs direct, same mock upstream, one run");
     println!();
     println!(
-        "`cargo bench --bench load -- {}` on {} cores ({}), {} rounds alternating direct and \
-         proxied; finished in {:.0} s.",
+        "`cargo bench --bench load -- {}` on {} cores ({}), proxy with worker_threads = {}, {} \
+         rounds alternating direct and proxied; finished in {:.0} s.",
         args.iter()
             .filter(|a| *a != "--bench")
             .cloned()
@@ -1165,6 +1177,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|k| format!("Linux {}", k.trim()))
             .unwrap_or_else(|_| "unknown kernel".into()),
+        options.worker_threads,
         options.rounds,
         started.elapsed().as_secs_f64()
     );
