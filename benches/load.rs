@@ -1156,7 +1156,8 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     for &asked in &options.streams {
         let n = asked.min(stream_capacity());
         eprintln!("memory: {n} open streams through a fresh proxy ...");
-        let mut result = memory_run(binary, mock, n, options.source_ips, options.worker_threads).await;
+        let mut result =
+            memory_run(binary, mock, n, options.source_ips, options.worker_threads).await;
         result.asked = asked;
         memory.push(result);
     }

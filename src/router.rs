@@ -168,13 +168,18 @@ impl Router {
 #[derive(Debug)]
 pub(crate) enum Pattern {
     Exact(String),
-    Glob(Vec<char>),
+    /// The pattern as characters, and as bytes when it is ASCII (the usual case, matched
+    /// without allocating).
+    Glob(Vec<char>, Option<Vec<u8>>),
 }
 
 impl Pattern {
     pub(crate) fn new(text: &str) -> Pattern {
         if text.contains(['*', '?']) {
-            Pattern::Glob(text.chars().collect())
+            Pattern::Glob(
+                text.chars().collect(),
+                text.is_ascii().then(|| text.as_bytes().to_vec()),
+            )
         } else {
             Pattern::Exact(text.to_owned())
         }
@@ -183,23 +188,28 @@ impl Pattern {
     pub(crate) fn matches(&self, text: &str) -> bool {
         match self {
             Pattern::Exact(exact) => exact == text,
-            Pattern::Glob(glob) => glob_matches(glob, text),
+            Pattern::Glob(_, Some(ascii)) if text.is_ascii() => {
+                glob_matches(ascii, text.as_bytes(), b'*', b'?')
+            }
+            Pattern::Glob(glob, _) => {
+                let text: Vec<char> = text.chars().collect();
+                glob_matches(glob, &text, '*', '?')
+            }
         }
     }
 }
 
 /// Linear-time wildcard matching: on a mismatch, retry from just after the last `*`.
-fn glob_matches(glob: &[char], text: &str) -> bool {
-    let text: Vec<char> = text.chars().collect();
+fn glob_matches<T: Copy + PartialEq>(glob: &[T], text: &[T], any_run: T, any_one: T) -> bool {
     let (mut g, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
         match glob.get(g) {
-            Some('*') => {
+            Some(&c) if c == any_run => {
                 star = Some((g, t));
                 g += 1;
             }
-            Some(&c) if c == '?' || c == text[t] => {
+            Some(&c) if c == any_one || c == text[t] => {
                 g += 1;
                 t += 1;
             }
@@ -213,7 +223,7 @@ fn glob_matches(glob: &[char], text: &str) -> bool {
             },
         }
     }
-    glob[g..].iter().all(|&c| c == '*')
+    glob[g..].iter().all(|&c| c == any_run)
 }
 
 #[cfg(test)]
@@ -234,7 +244,7 @@ mod tests {
 
     #[test]
     fn globs() {
-        let glob = |g: &str, t: &str| glob_matches(&g.chars().collect::<Vec<_>>(), t);
+        let glob = |g: &str, t: &str| Pattern::new(g).matches(t);
         assert!(glob("openai/*", "openai/gpt-4o"));
         assert!(glob("*", ""));
         assert!(glob("*mini", "openai/gpt-4o-mini"));
@@ -243,6 +253,10 @@ mod tests {
         assert!(!glob("openai/*", "anthropic/claude"));
         assert!(!glob("a*b", "a"));
         assert!(!glob("gpt-?o", "gpt-40o"));
+        // `?` is one character, also outside ASCII.
+        assert!(glob("modèle-?", "modèle-é"));
+        assert!(glob("m?del", "mèdel"));
+        assert!(!glob("m?del", "mdel"));
     }
 
     #[test]
