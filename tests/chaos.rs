@@ -576,7 +576,6 @@ async fn slowloris_beyond_the_connection_limit_only_delays_others() {
 /// burst, and those clients wait a second or more for their SYN to be retransmitted.
 #[tokio::test]
 async fn the_binary_listens_with_a_deep_accept_queue() {
-    use tokio::io::AsyncBufReadExt;
     let upstream = MockUpstream::openai_like().await;
     let key = temp_file("key", TEST_KEY);
     let config = temp_file(
@@ -588,26 +587,8 @@ async fn the_binary_listens_with_a_deep_accept_queue() {
             key.display()
         ),
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openrouter-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let api: std::net::SocketAddr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if event["message"] == "listening" {
-                return event["api"].as_str().unwrap().parse().unwrap();
-            }
-        }
-        panic!("the proxy exited before listening");
-    })
-    .await
-    .unwrap();
+    let proxy = BinaryProxy::spawn(&config, &[]).await;
+    let api: std::net::SocketAddr = proxy.api.parse().unwrap();
     // For a listening socket, `ss` shows the accept queue's size as Send-Q.
     let output = std::process::Command::new("ss")
         .args(["-ltnH", &format!("sport = :{}", api.port())])
@@ -620,7 +601,8 @@ async fn the_binary_listens_with_a_deep_accept_queue() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("unexpected `ss` output: {text:?}"));
     println!("chaos: api listener accept queue = {backlog}");
-    child.kill().await.unwrap();
+    let mut proxy = proxy;
+    proxy.child.kill().await.unwrap();
     assert!(
         backlog >= 1024,
         "the API listener's accept queue holds only {backlog} connections"

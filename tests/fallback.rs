@@ -216,13 +216,7 @@ async fn an_error_event_before_content_falls_back_invisibly() {
         "data: {\"error\":{\"message\":\"provider unavailable\",\"code\":502}}\n\n".into(),
     ]));
     let proxy = TestProxy::start(&upstream, CHAIN).await;
-    let response = send(
-        "POST",
-        &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        STREAM,
-    )
-    .await;
+    let response = chat_request(&proxy, STREAM).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["x-proxy-model"], "backup/model");
     let (_, _, body) = read_all(response).await;
@@ -245,13 +239,7 @@ async fn an_error_event_before_content_falls_back_invisibly() {
     ]));
     upstream.push(Reply::Sse(vec![": OPENROUTER PROCESSING\n\n".into()]));
     let proxy = TestProxy::start(&upstream, CHAIN).await;
-    let response = send(
-        "POST",
-        &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        STREAM,
-    )
-    .await;
+    let response = chat_request(&proxy, STREAM).await;
     assert_eq!(response.headers()["x-proxy-model"], "last/model");
     assert_eq!(response.headers()["x-proxy-attempts"], "3");
 }

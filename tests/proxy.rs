@@ -171,13 +171,7 @@ async fn streams_each_event_before_the_upstream_has_finished() {
 
     // A model without fallbacks: nothing is held back, not even the processing comment.
     let body = r#"{"model":"openai/gpt-4o-mini","stream":true,"messages":[]}"#;
-    let response = send(
-        "POST",
-        &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        body,
-    )
-    .await;
+    let response = chat_request(&proxy, body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let mut body = response.into_body();
@@ -217,13 +211,7 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
     let proxy = TestProxy::start(&upstream, "").await;
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
-    let response = send(
-        "POST",
-        &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        body,
-    )
-    .await;
+    let response = chat_request(&proxy, body).await;
     let mut body = response.into_body();
     tx.send(data(&chunk_event("m", "first"))).await.unwrap();
     read_until(&mut body, "first").await;
@@ -254,13 +242,7 @@ async fn a_stream_cut_midway_ends_with_an_error_event() {
     let proxy = TestProxy::start(&upstream, "").await;
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
-    let response = send(
-        "POST",
-        &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        body,
-    )
-    .await;
+    let response = chat_request(&proxy, body).await;
     let mut body = response.into_body();
     tx.send(data(&chunk_event("m", "partial"))).await.unwrap();
     read_until(&mut body, "partial").await;
@@ -539,13 +521,7 @@ async fn shutdown_lets_an_open_stream_finish() {
     upstream.push(reply);
     let proxy = TestProxy::start(&upstream, "").await;
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
-    let response = send(
-        "POST",
-        &proxy.url("/v1/chat/completions"),
-        &[("content-type", "application/json")],
-        body,
-    )
-    .await;
+    let response = chat_request(&proxy, body).await;
     let mut body = response.into_body();
     tx.send(data(&chunk_event("m", "before"))).await.unwrap();
     read_until(&mut body, "before").await;

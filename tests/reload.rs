@@ -6,14 +6,12 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openrouter_proxy::reload::content_hash;
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -613,37 +611,8 @@ async fn sighup_reloads_the_binary() {
     let key = temp_file("api-key", TEST_KEY);
     let path = temp_file("proxy.toml", &versioned(&upstream.url(), &key, 1));
     // Without file watching only SIGHUP can apply the edit, so the test sees the signal work.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openrouter-proxy"))
-        .arg("--config")
-        .arg(&path)
-        .arg("--no-watch")
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (api, admin) = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if event["message"] == "listening" {
-                return (
-                    event["api"].as_str().unwrap().to_owned(),
-                    event["admin"].as_str().unwrap().to_owned(),
-                );
-            }
-        }
-        panic!("the proxy exited before listening");
-    })
-    .await
-    .unwrap();
-    let logs = tokio::spawn(async move {
-        let mut all = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            all.push(line);
-        }
-        all
-    });
+    let mut proxy = BinaryProxy::spawn(&path, &["--no-watch"]).await;
+    let (api, admin) = (proxy.api.clone(), proxy.admin.clone());
 
     let chat_model = || async {
         let before = upstream.request_count();
@@ -660,34 +629,19 @@ async fn sighup_reloads_the_binary() {
 
     let v2 = versioned(&upstream.url(), &key, 2);
     write_by_rename(&path, &v2);
-    let pid = child.id().unwrap().to_string();
-    let hup = tokio::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(hup.success());
+    proxy.signal("HUP").await;
     let (config, latency) = wait_running(&admin, &v2).await;
     eprintln!("SIGHUP: live after {latency:?}");
     assert_eq!(config["reloads"]["ok"], 1, "{config}");
     assert_eq!(chat_model().await, "model-2");
     assert!(
-        child.try_wait().unwrap().is_none(),
+        proxy.child.try_wait().unwrap().is_none(),
         "SIGHUP ended the process"
     );
 
-    let term = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(term.success());
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    proxy.signal("TERM").await;
+    let (status, logs) = proxy.wait().await;
     assert!(status.success(), "exit status {status}");
-    let logs = logs.await.unwrap();
     assert!(
         logs.iter().any(|l| l.contains("config reloaded")),
         "no reload log line: {logs:?}"

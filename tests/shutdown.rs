@@ -4,10 +4,7 @@
 
 mod support;
 
-use std::process::Stdio;
-
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]
 async fn sigterm_drains_an_open_stream_then_exits_zero() {
@@ -24,38 +21,8 @@ async fn sigterm_drains_an_open_stream_then_exits_zero() {
             key.display()
         ),
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openrouter-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-
-    // The start-up log line says where the listeners were bound.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (api, admin) = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if event["message"] == "listening" {
-                return (
-                    event["api"].as_str().unwrap().to_owned(),
-                    event["admin"].as_str().unwrap().to_owned(),
-                );
-            }
-        }
-        panic!("the proxy exited before listening");
-    })
-    .await
-    .unwrap();
-    let logs = tokio::spawn(async move {
-        let mut all = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            all.push(line);
-        }
-        all
-    });
+    let proxy = BinaryProxy::spawn(&config, &[]).await;
+    let (api, admin) = (proxy.api.clone(), proxy.admin.clone());
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
     let response = send(
@@ -69,13 +36,7 @@ async fn sigterm_drains_an_open_stream_then_exits_zero() {
     tx.send(data(&chunk_event("m", "before"))).await.unwrap();
     read_until(&mut body, "before").await;
 
-    let pid = child.id().unwrap().to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    assert!(killed.success());
+    proxy.signal("TERM").await;
 
     let not_ready = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -110,12 +71,8 @@ async fn sigterm_drains_an_open_stream_then_exits_zero() {
     assert!(rest.contains("after"), "the open stream was cut: {rest}");
     assert!(next_data(&mut body).await.is_none());
 
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let (status, logs) = proxy.wait().await;
     assert!(status.success(), "exit status {status}");
-    let logs = logs.await.unwrap();
     let access = logs
         .iter()
         .find(|l| l.contains("\"request\""))

@@ -852,3 +852,87 @@ pub fn env_number(name: &str, default: u64) -> u64 {
         Err(_) => default,
     }
 }
+
+/// The real `openrouter-proxy` binary, started with a config file; its bound addresses are read
+/// from the start-up log line, and the rest of its stdout is collected.
+pub struct BinaryProxy {
+    pub child: tokio::process::Child,
+    pub api: String,
+    pub admin: String,
+    logs: Option<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl BinaryProxy {
+    pub async fn spawn(config: &std::path::Path, extra_args: &[&str]) -> BinaryProxy {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openrouter-proxy"))
+            .arg("--config")
+            .arg(config)
+            .args(extra_args)
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let (api, admin) = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if event["message"] == "listening" {
+                    return (
+                        event["api"].as_str().unwrap().to_owned(),
+                        event["admin"].as_str().unwrap().to_owned(),
+                    );
+                }
+            }
+            panic!("the proxy exited before listening");
+        })
+        .await
+        .unwrap();
+        let logs = tokio::spawn(async move {
+            let mut all = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                all.push(line);
+            }
+            all
+        });
+        BinaryProxy {
+            child,
+            api,
+            admin,
+            logs: Some(logs),
+        }
+    }
+
+    /// Sends `signal` (e.g. "TERM", "HUP") to the process.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().unwrap().to_string();
+        let status = tokio::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; returns its status and everything it logged after start-up.
+    pub async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let logs = self.logs.take().unwrap().await.unwrap();
+        (status, logs)
+    }
+}
+
+/// POSTs a chat request to the proxy and returns the answer with its body unread.
+pub async fn chat_request(proxy: &TestProxy, body: &str) -> Response<Incoming> {
+    send(
+        "POST",
+        &proxy.url("/v1/chat/completions"),
+        &[("content-type", "application/json")],
+        body.to_owned(),
+    )
+    .await
+}
