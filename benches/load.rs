@@ -404,6 +404,12 @@ name = "fast"
 match = {{ model = "fast" }}
 model = "openai/gpt-4o-mini"
 fallbacks = ["anthropic/claude-3.5-haiku"]
+
+[[routes]]
+name = "cached"
+match = {{ model = "cached" }}
+model = "openai/gpt-4o-mini"
+cache_ttl = "1h"
 "#
         );
         std::fs::write(&config, text).unwrap();
@@ -592,12 +598,17 @@ async fn connect_all(addr: SocketAddr, n: usize) -> Vec<Sender> {
 }
 
 fn chat_body(stream: bool) -> Bytes {
+    chat_body_for("fast", stream)
+}
+
+/// The benchmark's chat request for `model` (`cached` routes to a caching route).
+fn chat_body_for(model: &str, stream: bool) -> Bytes {
     let question = "Summarise the trade-offs between running an LLM gateway as a sidecar and as a \
                     shared deployment, in terms of latency, blast radius, configuration \
                     ownership and cost attribution. Answer in five short bullet points.";
     Bytes::from(
         serde_json::json!({
-            "model": "fast",
+            "model": model,
             "messages": [
                 {"role": "system", "content": "You are a concise assistant for platform engineers."},
                 {"role": "user", "content": question}
@@ -647,9 +658,9 @@ async fn closed_loop(
     target: &Target,
     senders: Vec<Sender>,
     requests: usize,
+    body: &Bytes,
 ) -> (Vec<Sender>, Samples) {
     let next = Arc::new(AtomicUsize::new(0));
-    let body = chat_body(false);
     let started = Instant::now();
     let workers: Vec<_> = senders
         .into_iter()
@@ -808,6 +819,7 @@ async fn compare(
     concurrency: usize,
     requests: usize,
     rounds: usize,
+    body: &Bytes,
 ) -> Comparison {
     let mut senders = [
         connect_all(targets[0].addr, concurrency).await,
@@ -815,8 +827,13 @@ async fn compare(
     ];
     // Warm-up: connections, the proxy's upstream pool, allocator caches.
     for (side, target) in targets.iter().enumerate() {
-        let (back, _) =
-            closed_loop(target, std::mem::take(&mut senders[side]), concurrency * 50).await;
+        let (back, _) = closed_loop(
+            target,
+            std::mem::take(&mut senders[side]),
+            concurrency * 50,
+            body,
+        )
+        .await;
         senders[side] = back;
     }
     let mut result = Comparison {
@@ -835,6 +852,7 @@ async fn compare(
                 targets[index],
                 std::mem::take(&mut senders[index]),
                 per_round,
+                body,
             )
             .await;
             senders[index] = back;
@@ -909,7 +927,7 @@ async fn memory_run(
     let target = Target::new(proxy.api, "/v1/chat/completions");
     // Warm the proxy up with both kinds of request so one-time allocations are in the baseline.
     let senders = connect_all(proxy.api, 4).await;
-    let (senders, _) = closed_loop(&target, senders, 200).await;
+    let (senders, _) = closed_loop(&target, senders, 200, &chat_body(false)).await;
     let short = SseSpec {
         chunks: 3,
         interval: Duration::ZERO,
@@ -1100,6 +1118,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     let targets = [&direct, &proxied];
     let started = Instant::now();
 
+    let body = chat_body(false);
     let mut comparisons = Vec::new();
     for (i, &concurrency) in options.concurrency.iter().enumerate() {
         let requests = options.requests * (i + 1);
@@ -1113,6 +1132,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
                 concurrency,
                 requests,
                 options.rounds,
+                &body,
             )
             .await,
         );
@@ -1130,6 +1150,22 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
         options.saturation,
         requests,
         options.rounds,
+        &body,
+    )
+    .await;
+    // A cache hit against the mock's static answer: the hit should cost about as much.
+    eprintln!(
+        "cache hits: concurrency 1, {} requests per side ...",
+        options.requests
+    );
+    let cached = compare(
+        "cache hit, c=1".to_owned(),
+        &proxy,
+        targets,
+        1,
+        options.requests,
+        options.rounds,
+        &chat_body_for("cached", false),
     )
     .await;
     let proxy_hwm_kib = proxy.status_kib("VmHWM");
@@ -1191,7 +1227,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     let mut table = Table { rows: Vec::new() };
     let mut all_requests = 0;
     let mut all_cpu = Duration::ZERO;
-    for mut c in comparisons.into_iter().chain(std::iter::once(saturation)) {
+    for mut c in comparisons.into_iter().chain([saturation, cached]) {
         assert_eq!(
             c.direct.errors + c.proxied.errors,
             0,
