@@ -496,3 +496,22 @@ fallbacks = ["backup/model"]
         "the cooled-down model was never probed again"
     );
 }
+
+#[tokio::test]
+async fn openrouters_own_models_array_passes_through_untouched() {
+    let upstream = MockUpstream::openai_like().await;
+    upstream.push(Reply::Json(503, "{}".into()));
+    let proxy = TestProxy::start(&upstream, CHAIN).await;
+    let body =
+        r#"{"model":"chain","models":["x/first", "y/second"],"route":"fallback","messages":[]}"#;
+    let (status, _, _) = chat(&proxy, body).await;
+    assert_eq!(status, 200);
+    for (sent, model) in upstream
+        .requests()
+        .iter()
+        .zip(["primary/model", "backup/model"])
+    {
+        let expected = body.replace("\"chain\"", &format!("\"{model}\""));
+        assert_eq!(std::str::from_utf8(&sent.body).unwrap(), expected);
+    }
+}
