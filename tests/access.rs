@@ -97,9 +97,7 @@ async fn tokens_are_limited_to_their_routes_and_models() {
 
 #[tokio::test]
 async fn concurrency_limits_shed_new_work_not_running_streams() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::openai_like().await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, &tokens_config()).await;
     let (name, value) = bearer("tok-one");
     let headers = [("content-type", "application/json"), (name, value.as_str())];
@@ -137,9 +135,7 @@ async fn concurrency_limits_shed_new_work_not_running_streams() {
 
 #[tokio::test]
 async fn route_concurrency_limits_apply_to_everyone() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::openai_like().await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, &tokens_config()).await;
     let (name, value) = bearer("tok-a");
     let headers = [("content-type", "application/json"), (name, value.as_str())];

@@ -246,9 +246,7 @@ async fn an_error_event_before_content_falls_back_invisibly() {
 
 #[tokio::test]
 async fn the_held_preamble_flows_the_moment_content_arrives() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::openai_like().await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, CHAIN).await;
     let url = proxy.url("/v1/chat/completions");
     let request = tokio::spawn(async move {
@@ -311,9 +309,7 @@ async fn broken_stream(
     extra: &'static str,
     fail: impl FnOnce(&tokio::sync::mpsc::Sender<Step>) -> Option<Step>,
 ) -> (String, MockUpstream) {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::openai_like().await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, &format!("{CHAIN}{extra}")).await;
     let mut body = open_stream(
         &proxy,
@@ -360,9 +356,7 @@ async fn failures_after_content_end_with_an_error_event() {
     );
 
     // A stall longer than the idle timeout: the mock keeps the stream open but silent.
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::openai_like().await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(
         &upstream,
         &format!("{CHAIN}\n[upstream]\nstream_idle_timeout = \"300ms\"\n"),

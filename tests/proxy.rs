@@ -164,9 +164,7 @@ async fn every_path_and_method_maps_under_base_url() {
 
 #[tokio::test]
 async fn streams_each_event_before_the_upstream_has_finished() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::start(openai_like_reply).await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, ROUTES).await;
 
     // A model without fallbacks: nothing is held back, not even the processing comment.
@@ -205,9 +203,7 @@ async fn streams_each_event_before_the_upstream_has_finished() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_the_upstream_request() {
-    let (reply, tx, closed) = stream_reply();
-    let upstream = MockUpstream::start(openai_like_reply).await;
-    upstream.push(reply);
+    let (upstream, tx, closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, "").await;
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
@@ -236,9 +232,7 @@ async fn a_client_that_goes_away_cancels_the_upstream_request() {
 
 #[tokio::test]
 async fn a_stream_cut_midway_ends_with_an_error_event() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::start(openai_like_reply).await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, "").await;
 
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
@@ -516,9 +510,7 @@ async fn without_a_key_the_proxy_is_not_ready_and_says_why() {
 
 #[tokio::test]
 async fn shutdown_lets_an_open_stream_finish() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::start(openai_like_reply).await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let proxy = TestProxy::start(&upstream, "").await;
     let body = r#"{"model":"m","stream":true,"messages":[]}"#;
     let response = chat_request(&proxy, body).await;

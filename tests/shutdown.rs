@@ -8,9 +8,7 @@ use support::*;
 
 #[tokio::test]
 async fn sigterm_drains_an_open_stream_then_exits_zero() {
-    let (reply, tx, _closed) = stream_reply();
-    let upstream = MockUpstream::start(openai_like_reply).await;
-    upstream.push(reply);
+    let (upstream, tx, _closed) = upstream_with_stream().await;
     let key = temp_file("key", TEST_KEY);
     let config = temp_file(
         "proxy.toml",

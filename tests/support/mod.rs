@@ -46,6 +46,26 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// Reads a request whole, as the mock received it.
+    async fn read(request: Request<Incoming>) -> Recorded {
+        let (parts, body) = request.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Recorded {
+            method: parts.method,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap()
     }
@@ -169,27 +189,16 @@ async fn answer(
     state: Arc<MockState>,
     request: Request<Incoming>,
 ) -> Result<Response<MockBody>, std::io::Error> {
-    let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let recorded = Recorded {
-        method: parts.method,
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-        headers: parts.headers,
-        body,
-    };
+    let recorded = Recorded::read(request).await;
     let scripted = state.scripted.lock().unwrap().pop_front();
     let reply = scripted.unwrap_or_else(|| (state.handler)(&recorded));
     state.requests.lock().unwrap().push(recorded);
     state.arrived.notify_waiters();
-    // A service error makes hyper close the connection without writing a response.
+    reply_or_close(reply).await
+}
+
+/// A service error makes hyper close the connection without writing a response.
+async fn reply_or_close(reply: Reply) -> Result<Response<MockBody>, std::io::Error> {
     render(reply)
         .await
         .ok_or_else(|| std::io::Error::other("scripted close"))
@@ -288,6 +297,14 @@ pub fn stream_reply() -> (Reply, mpsc::Sender<Step>, oneshot::Receiver<()>) {
     let (tx, rx) = mpsc::channel(16);
     let (closed_tx, closed_rx) = oneshot::channel();
     (Reply::Stream(rx, Some(closed_tx)), tx, closed_rx)
+}
+
+/// An OpenAI-like mock whose first answer is a controllable stream (see [`stream_reply`]).
+pub async fn upstream_with_stream() -> (MockUpstream, mpsc::Sender<Step>, oneshot::Receiver<()>) {
+    let (reply, tx, closed) = stream_reply();
+    let upstream = MockUpstream::start(openai_like_reply).await;
+    upstream.push(reply);
+    (upstream, tx, closed)
 }
 
 pub fn data(text: &str) -> Step {
@@ -751,27 +768,10 @@ async fn answer_counted(
     requests: Arc<AtomicUsize>,
     request: Request<Incoming>,
 ) -> Result<Response<MockBody>, std::io::Error> {
-    let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let recorded = Recorded {
-        method: parts.method,
-        path_and_query: parts
-            .uri
-            .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_default(),
-        headers: parts.headers,
-        body,
-    };
+    let recorded = Recorded::read(request).await;
     let reply = handler(&recorded);
     requests.fetch_add(1, Ordering::SeqCst);
-    render(reply)
-        .await
-        .ok_or_else(|| std::io::Error::other("scripted close"))
+    reply_or_close(reply).await
 }
 
 impl TestProxy {
