@@ -459,6 +459,8 @@ fn upstream_headers(
     // Compressed answers could not be scanned for usage and errors on the way through; on the
     // proxy's short hop compression buys nothing.
     headers.remove(header::ACCEPT_ENCODING);
+    // The body was read whole already; the client's 100-continue handshake is over.
+    headers.remove(header::EXPECT);
     for name in &route.remove_headers {
         headers.remove(name);
     }

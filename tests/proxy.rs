@@ -80,6 +80,8 @@ async fn injects_the_key_and_edits_headers() {
         ("x-kept", "yes"),
         ("connection", "x-hop"),
         ("x-hop", "1"),
+        ("expect", "100-continue"),
+        ("accept-encoding", "gzip"),
     ];
     let body = r#"{"model":"fast","messages":[]}"#;
     let (status, _, _) = post_json(&proxy.url("/v1/chat/completions"), body, &client_headers).await;
