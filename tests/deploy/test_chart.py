@@ -258,6 +258,14 @@ def test_standalone_listens_on_all_interfaces(chart):
     assert config["server"]["admin_listen"] == f"0.0.0.0:{ADMIN_PORT}"
 
 
+def test_runtime_threads_follow_the_shape(chart):
+    # A shared gateway uses every core; a sidecar keeps the proxy's single-thread default.
+    assert proxy_toml(render(chart, {}))["server"]["worker_threads"] == 0
+    assert "worker_threads" not in proxy_toml(render(chart, VALUE_SETS["native-sidecar"]))["server"]
+    chosen = {"config": {"server": {"worker_threads": 2}}}
+    assert proxy_toml(render(chart, chosen))["server"]["worker_threads"] == 2
+
+
 @pytest.mark.parametrize("name", ["default", "native-sidecar", "sidecar"])
 def test_probes_use_the_admin_port(chart, name):
     container = proxy_container(pod_spec(render(chart, VALUE_SETS[name])))

@@ -156,6 +156,10 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 {{- $server := $cfg.server | default dict }}
 {{- $_ := set $server "listen" (printf "%s:%d" $bind (int .Values.ports.http)) }}
 {{- $_ = set $server "admin_listen" (printf "0.0.0.0:%d" (int .Values.ports.admin)) }}
+{{- /* A shared gateway uses every core it is given; a sidecar keeps the proxy's one thread. */}}
+{{- if and (not (include "openrouter-proxy.inAppPod" .)) (not (hasKey $server "worker_threads")) }}
+{{- $_ = set $server "worker_threads" 0 }}
+{{- end }}
 {{- $_ = set $cfg "server" $server }}
 {{- $upstream := $cfg.upstream | default dict }}
 {{- if eq .Values.apiKeySource "file" }}
