@@ -523,18 +523,7 @@ async fn shutdown_lets_an_open_stream_finish() {
     let admin = proxy.admin;
     let stopping = tokio::spawn(proxy.stop());
     // Readiness turns 503 while the stream is still open.
-    let ready = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let (status, _, _) =
-                read_all(send("GET", &format!("http://{admin}/readyz"), &[], "").await).await;
-            if status == 503 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    assert!(ready.is_ok(), "readiness never turned 503");
+    wait_not_ready(&admin.to_string()).await;
     tx.send(data(&chunk_event("m", "after"))).await.unwrap();
     tx.send(data("data: [DONE]\n\n")).await.unwrap();
     drop(tx);

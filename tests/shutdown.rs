@@ -36,21 +36,7 @@ async fn sigterm_drains_an_open_stream_then_exits_zero() {
 
     proxy.signal("TERM").await;
 
-    let not_ready = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let (status, _, _) =
-                read_all(send("GET", &format!("http://{admin}/readyz"), &[], "").await).await;
-            if status == 503 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
-    assert!(
-        not_ready.is_ok(),
-        "readiness never turned 503 after SIGTERM"
-    );
+    wait_not_ready(&admin).await;
     let refused = tokio::time::timeout(PATIENCE, async {
         while tokio::net::TcpStream::connect(&api).await.is_ok() {
             tokio::task::yield_now().await;

@@ -936,3 +936,19 @@ pub async fn chat_request(proxy: &TestProxy, body: &str) -> Response<Incoming> {
     )
     .await
 }
+
+/// Waits until `/readyz` on `admin` answers 503; fails the test if it never does.
+pub async fn wait_not_ready(admin: &str) {
+    let url = format!("http://{admin}/readyz");
+    let turned = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let (status, _, _) = read_all(send("GET", &url, &[], "").await).await;
+            if status == 503 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(turned.is_ok(), "readiness never turned 503");
+}
