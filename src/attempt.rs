@@ -10,19 +10,20 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::JsonBody;
 use crate::config::Midstream;
 use crate::error::{AttemptNote, ProxyError};
 use crate::health::Policy;
+use crate::intake::Upload;
 use crate::proxy::{strip_hop_by_hop, Shared, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
 use crate::relay::{ProxyBody, Relay, RequestRecord, Resume, ResumeFuture};
 use crate::reload::Runtime;
 use crate::router::Route;
 use crate::sse::{Event, Scanner};
-use crate::upstream::UpstreamClient;
+use crate::upstream::{OutBody, UpstreamClient};
 
 /// What every attempt of one request shares.
 pub(crate) struct Outbound<'a> {
@@ -34,19 +35,25 @@ pub(crate) struct Outbound<'a> {
     /// The raw body, sent as it is when the model is not rewritten.
     pub(crate) bytes: Bytes,
     pub(crate) json: Option<JsonBody>,
+    /// A body streamed through as the client sends it: it can be sent once only.
+    pub(crate) upload: Mutex<Option<Box<Upload>>>,
     /// More than one model may answer: failures are inspected and fall back.
     pub(crate) inspect: bool,
 }
 
 impl Outbound<'_> {
-    fn body_for(&self, model: Option<&str>) -> Bytes {
+    fn body_for(&self, model: Option<&str>) -> OutBody {
+        let upload = self.upload.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(upload) = upload {
+            return OutBody::Upload(upload);
+        }
         match (model, &self.json) {
-            (Some(model), Some(json)) => json.with_model(model),
-            _ => self.bytes.clone(),
+            (Some(model), Some(json)) => json.with_model(model).into(),
+            _ => self.bytes.clone().into(),
         }
     }
 
-    fn request(&self, body: Bytes) -> Request<Full<Bytes>> {
+    fn request(&self, body: OutBody) -> Request<OutBody> {
         upstream_request(&self.method, &self.uri, &self.headers, body)
     }
 }
@@ -453,9 +460,9 @@ fn upstream_request(
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    body: Bytes,
-) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(body));
+    body: OutBody,
+) -> Request<OutBody> {
+    let mut request = Request::new(body);
     *request.method_mut() = method.clone();
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers.clone();
@@ -465,7 +472,7 @@ fn upstream_request(
 /// One upstream attempt up to the response head, bounded by the first-byte timeout.
 async fn send(
     client: &UpstreamClient,
-    request: Request<Full<Bytes>>,
+    request: Request<OutBody>,
     first_byte_timeout: Duration,
 ) -> Result<Response<Incoming>, Failure> {
     match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
@@ -547,7 +554,7 @@ impl Resume for Continuation {
                 let model = models.lock().ok()?.pop_front()?;
                 body.insert("model".to_owned(), serde_json::Value::String(model.clone()));
                 let bytes = Bytes::from(serde_json::to_vec(&body).ok()?);
-                let request = upstream_request(&method, &uri, &headers, bytes);
+                let request = upstream_request(&method, &uri, &headers, bytes.into());
                 match send(&client, request, timeout).await {
                     Ok(response) if response.status().is_success() => {
                         tracing::info!(model = %model, "stream resumed");

@@ -44,8 +44,22 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub admin_listen: SocketAddr,
-    /// Request bodies above this size are refused with 413 before they are read further.
+    /// JSON request bodies above this size are refused with 413 (they are read whole, for routing
+    /// and for replay on fallback). Compressed bodies count after decoding.
     pub max_body_bytes: usize,
+    /// Other bodies (multipart uploads, audio, files) are streamed to the upstream as they arrive,
+    /// never buffered, up to this size.
+    pub max_upload_bytes: u64,
+    /// A request body must arrive whole within this time after its head; a slower one gets 408.
+    /// Streamed uploads must not pause longer than this between two reads.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// After refusing a body (413, 408), the rest the client is still sending is read and thrown
+    /// away for up to this long, so that the client reads the answer instead of a reset.
+    #[serde(with = "humantime_serde")]
+    pub lingering_timeout: Duration,
+    /// ... and up to this many bytes.
+    pub lingering_bytes: u64,
     /// How long in-flight requests may run after SIGTERM before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -53,11 +67,16 @@ pub struct ServerConfig {
     /// Kubernetes endpoints can stop sending new traffic first.
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
-    /// A client must send its whole request head within this time (slowloris guard).
+    /// A client must send its whole request head within this time of connecting, or of its
+    /// previous answer on a kept-alive connection (slowloris and idle-socket guard). Applies to the
+    /// admin listener too.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Upper bound on open client connections; further connections wait in the accept queue.
+    /// Upper bound on open client connections. At the bound, connections with no request in
+    /// flight are closed to make room; further connections wait in the accept queue.
     pub max_connections: usize,
+    /// The same bound for the admin listener (probes and scrapes need few).
+    pub admin_max_connections: usize,
     /// Bound on a request head (request line and headers); larger heads get 431.
     pub max_header_bytes: usize,
     /// Bound on the number of request headers; more get 431.
@@ -108,10 +127,15 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             max_body_bytes: 10 * 1024 * 1024,
+            max_upload_bytes: 512 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
+            lingering_timeout: Duration::from_secs(5),
+            lingering_bytes: 64 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             drain_delay: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            admin_max_connections: 64,
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             http2_max_concurrent_streams: 256,
@@ -356,6 +380,12 @@ impl Config {
         }
         positive(s.max_body_bytes as u64, "server.max_body_bytes")?;
         positive(s.max_connections as u64, "server.max_connections")?;
+        positive(
+            s.admin_max_connections as u64,
+            "server.admin_max_connections",
+        )?;
+        positive(s.max_upload_bytes, "server.max_upload_bytes")?;
+        nonzero(s.body_read_timeout, "server.body_read_timeout")?;
         nonzero(s.header_read_timeout, "server.header_read_timeout")?;
         if s.max_header_bytes < 8192 {
             return Err(format!(

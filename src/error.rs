@@ -19,6 +19,16 @@ pub enum ProxyError {
     BodyTooLarge {
         limit: usize,
     },
+    /// A streamed (non-JSON) body over `max_upload_bytes`.
+    UploadTooLarge {
+        limit: u64,
+    },
+    /// The body did not arrive within `body_read_timeout`.
+    BodyTimeout(Duration),
+    /// A `Content-Encoding` the proxy cannot decode (the name, as sent).
+    UnsupportedEncoding(String),
+    /// A body that does not decode with its `Content-Encoding`.
+    BadEncoding(String),
     ClientBody(String),
     UnknownPath,
     BadPath,
@@ -86,8 +96,13 @@ impl ProxyError {
             | ProxyError::ModelNotString
             | ProxyError::UnsupportedContentType(_)
             | ProxyError::ClientBody(_)
+            | ProxyError::BadEncoding(_)
             | ProxyError::BadPath => StatusCode::BAD_REQUEST,
-            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooLarge { .. } | ProxyError::UploadTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::UnknownPath => StatusCode::NOT_FOUND,
             ProxyError::MissingCredentials | ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -108,7 +123,10 @@ impl ProxyError {
             ProxyError::MissingModel => "missing_model",
             ProxyError::ModelNotString => "invalid_model",
             ProxyError::UnsupportedContentType(_) => "unsupported_content_type",
-            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyTooLarge { .. } | ProxyError::UploadTooLarge { .. } => "body_too_large",
+            ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::UnsupportedEncoding(_) => "unsupported_content_encoding",
+            ProxyError::BadEncoding(_) => "invalid_content_encoding",
             ProxyError::ClientBody(_) => "client_body_error",
             ProxyError::UnknownPath => "unknown_path",
             ProxyError::BadPath => "invalid_path",
@@ -146,6 +164,19 @@ impl ProxyError {
             }
             ProxyError::BodyTooLarge { limit } => {
                 format!("request body is larger than the proxy's limit of {limit} bytes")
+            }
+            ProxyError::UploadTooLarge { limit } => {
+                format!("upload is larger than the proxy's limit of {limit} bytes")
+            }
+            ProxyError::BodyTimeout(after) => format!(
+                "the request body did not arrive within {}",
+                humantime::format_duration(*after)
+            ),
+            ProxyError::UnsupportedEncoding(name) => format!(
+                "Content-Encoding \"{name}\" is not supported; send identity, gzip, deflate, br or zstd"
+            ),
+            ProxyError::BadEncoding(reason) => {
+                format!("the request body does not decode with its Content-Encoding: {reason}")
             }
             ProxyError::ClientBody(reason) => format!("could not read the request body: {reason}"),
             ProxyError::UnknownPath => {

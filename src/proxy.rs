@@ -3,14 +3,13 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::attempt::{run_chain, Outbound};
@@ -21,6 +20,7 @@ use crate::cache::{
 use crate::config::UpstreamAuth;
 use crate::error::ProxyError;
 use crate::health::Health;
+use crate::intake::{BodyLimits, Upload};
 use crate::limits::{Limits, Permit, Rejection};
 use crate::relay::{ProxyBody, RequestRecord};
 use crate::reload::Runtime;
@@ -150,6 +150,47 @@ fn admit(
     Ok(())
 }
 
+/// The request body as the pipeline holds it.
+enum InboundBody {
+    /// Read whole (and decoded): JSON, or a small body of another kind.
+    Whole {
+        bytes: Bytes,
+        json: Option<JsonBody>,
+    },
+    /// Streamed through as it arrives, with the model its form named.
+    Upload {
+        upload: Box<Upload>,
+        model: Option<String>,
+    },
+}
+
+impl InboundBody {
+    async fn read(
+        parts: &http::request::Parts,
+        rest: &str,
+        body: Incoming,
+        limits: &BodyLimits,
+    ) -> Result<InboundBody, ProxyError> {
+        if streams_through(&parts.method, rest, &parts.headers) {
+            let (upload, model) = Upload::start(&parts.headers, body, limits).await?;
+            return Ok(InboundBody::Upload {
+                upload: Box::new(upload),
+                model,
+            });
+        }
+        let bytes = crate::intake::read_whole(&parts.headers, body, limits).await?;
+        let json = parse_json(&parts.method, rest, &parts.headers, bytes.clone())?;
+        Ok(InboundBody::Whole { bytes, json })
+    }
+
+    fn model(&self) -> Option<&str> {
+        match self {
+            InboundBody::Whole { json, .. } => json.as_ref().and_then(JsonBody::model),
+            InboundBody::Upload { model, .. } => model.as_deref(),
+        }
+    }
+}
+
 async fn forward(
     shared: &Shared,
     runtime: &Runtime,
@@ -164,9 +205,9 @@ async fn forward(
     if let Some(token) = caller {
         record.caller = Some(token.name.clone());
     }
-    let bytes = read_body(&parts.headers, body, runtime.config.server.max_body_bytes).await?;
-    let json = parse_json(&parts.method, rest, &parts.headers, bytes.clone())?;
-    let requested_model = json.as_ref().and_then(JsonBody::model).map(str::to_owned);
+    let limits = BodyLimits::new(&runtime.config.server);
+    let inbound = InboundBody::read(&parts, rest, body, &limits).await?;
+    let requested_model = inbound.model().map(str::to_owned);
     record.requested_model = requested_model.clone();
 
     let route = runtime.router.route(&RequestFacts {
@@ -196,6 +237,22 @@ async fn forward(
         .base_url
         .join(rest, parts.uri.query())
         .map_err(|_| ProxyError::BadPath)?;
+    let (bytes, json) = match inbound {
+        InboundBody::Upload { upload, .. } => {
+            let target = Target {
+                shared,
+                runtime,
+                route,
+                parts: &parts,
+                uri,
+                headers,
+            };
+            return send_upload(target, upload, requested_model.as_deref(), record).await;
+        }
+        InboundBody::Whole { bytes, json } => (bytes, json),
+    };
+    // The body was decoded: it goes upstream as it is now.
+    headers.remove(header::CONTENT_ENCODING);
 
     // Callers with their own upstream keys, or their own tokens, never share cached answers.
     let tenant = match (runtime.config.upstream.auth, caller) {
@@ -239,6 +296,7 @@ async fn forward(
         headers,
         bytes,
         json,
+        upload: Mutex::new(None),
         inspect: chain.len() > 1 && max_attempts > 1,
     };
     let mut response = run_chain(
@@ -258,6 +316,76 @@ async fn forward(
         miss.store(shared, &mut response, record.served_model.clone());
     }
     Ok(response)
+}
+
+/// Where a request goes, once routed.
+struct Target<'a> {
+    shared: &'a Shared,
+    runtime: &'a Runtime,
+    route: &'a Route,
+    parts: &'a http::request::Parts,
+    uri: http::Uri,
+    headers: HeaderMap,
+}
+
+/// Sends a streamed upload: one attempt on the route's first model (the body cannot be sent
+/// twice), with the form's `model` field rewritten when the route names another model.
+async fn send_upload(
+    target: Target<'_>,
+    mut upload: Box<Upload>,
+    requested: Option<&str>,
+    record: &mut RequestRecord,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let chain = target.route.chain();
+    let first = &chain[..1.min(chain.len())];
+    if let (Some(Some(to)), Some(from), Some(boundary)) = (
+        first.first(),
+        requested,
+        crate::intake::form_boundary(&target.parts.headers),
+    ) {
+        if !upload.rewrite_model(&boundary, from, to) {
+            tracing::debug!(request_id = %record.request_id, "the form's model field was not found in its leading bytes; sent as it is");
+        }
+    }
+    let fault = upload.fault();
+    let outbound = Outbound {
+        runtime: target.runtime,
+        route: target.route,
+        method: target.parts.method.clone(),
+        uri: target.uri,
+        headers: target.headers,
+        bytes: Bytes::new(),
+        json: None,
+        upload: Mutex::new(Some(upload)),
+        inspect: false,
+    };
+    let answer = run_chain(target.shared, &outbound, first, requested, record).await;
+    // An upload that broke on the client's side (too large, too slow, gone) is the client's
+    // error, not the upstream's.
+    answer.map_err(|error| fault.take().unwrap_or(error))
+}
+
+/// Bodies that are not JSON and not needed for routing (multipart uploads, audio, files) are
+/// streamed through; JSON, bodies of unknown type and what a model endpoint receives are read
+/// whole.
+fn streams_through(method: &Method, rest: &str, headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    !is_json(content_type) && !needs_model(method, rest)
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
 }
 
 enum Lookup {
@@ -380,23 +508,6 @@ fn api_path(path: &str) -> Result<&str, ProxyError> {
     }
 }
 
-/// Reads the whole request body (fallback must be able to replay it), refusing at once when the
-/// declared length is over the limit and stopping as soon as the received bytes pass it.
-async fn read_body(headers: &HeaderMap, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
-        Err(error) => Err(ProxyError::ClientBody(error.to_string())),
-    }
-}
-
 /// Endpoints whose body must be JSON naming a model.
 fn needs_model(method: &Method, rest: &str) -> bool {
     method == Method::POST && matches!(rest, "/chat/completions" | "/completions" | "/embeddings")
@@ -413,15 +524,7 @@ fn parse_json(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let says_json = content_type.is_some_and(|ct| {
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        essence == "application/json" || essence.ends_with("+json")
-    });
+    let says_json = content_type.is_some_and(is_json);
     let required = needs_model(method, rest);
     if required {
         if let Some(ct) = content_type.filter(|_| !says_json) {

@@ -334,6 +334,7 @@ fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
     keep!(server.listen, "server.listen");
     keep!(server.admin_listen, "server.admin_listen");
     keep!(server.max_connections, "server.max_connections");
+    keep!(server.admin_max_connections, "server.admin_max_connections");
     keep!(server.header_read_timeout, "server.header_read_timeout");
     keep!(server.max_header_bytes, "server.max_header_bytes");
     keep!(server.max_headers, "server.max_headers");

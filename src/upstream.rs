@@ -1,21 +1,67 @@
 //! The pooled upstream client (rustls, HTTP/2 via ALPN and HTTP/1.1) and where a request is sent.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
-use http_body_util::Full;
+use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
+use crate::intake::Upload;
 
 /// The client every attempt goes through; cheap to clone, shares one connection pool.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, OutBody>;
+
+/// What an upstream request carries: a body read whole (which a fallback can send again), or an
+/// upload streamed through as the client sends it.
+pub enum OutBody {
+    Full(Option<Bytes>),
+    Upload(Box<Upload>),
+}
+
+impl From<Bytes> for OutBody {
+    fn from(bytes: Bytes) -> OutBody {
+        OutBody::Full(Some(bytes))
+    }
+}
+
+impl Body for OutBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            OutBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            OutBody::Upload(upload) => Pin::new(upload.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Full(bytes) => bytes.is_none(),
+            OutBody::Upload(upload) => upload.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            OutBody::Full(None) => SizeHint::with_exact(0),
+            OutBody::Upload(upload) => upload.size_hint(),
+        }
+    }
+}
 
 /// Builds the pooled client. TLS certificates are always verified, against the bundled webpki roots
 /// plus the system's roots where it has any.

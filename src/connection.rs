@@ -1,0 +1,218 @@
+//! One accepted client connection: the deadline for its first request head, its requests in
+//! flight, giving up its slot when the listener is full and it is idle, and its graceful drain.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+
+/// Shared by every connection of one listener: raised while the listener is at its connection
+/// cap, so that connections with nothing in flight close and make room (what nginx does with its
+/// idle keep-alive connections when it runs out of them).
+#[derive(Debug, Default)]
+pub(crate) struct Pressure {
+    raised: AtomicBool,
+    notify: Notify,
+}
+
+impl Pressure {
+    /// Asks every idle connection to close, now and whenever one becomes idle, until lowered.
+    pub(crate) fn raise(&self) {
+        self.raised.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn lower(&self) {
+        self.raised.store(false, Ordering::SeqCst);
+    }
+
+    fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+}
+
+/// What a connection's task and its requests share.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// A first request head arrived: the connection is a client's, not a silent socket.
+    started: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Woken when the last request in flight ends while the listener is under pressure.
+    idle: Notify,
+}
+
+/// Held by a request from its head until its response body is gone.
+struct InFlight {
+    conn: Arc<ConnState>,
+    pressure: Arc<Pressure>,
+}
+
+impl InFlight {
+    fn begin(conn: &Arc<ConnState>, pressure: &Arc<Pressure>) -> InFlight {
+        conn.started.store(true, Ordering::SeqCst);
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight {
+            conn: conn.clone(),
+            pressure: pressure.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let left = self.conn.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 && self.pressure.is_raised() {
+            self.conn.idle.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper drops it.
+pub(crate) struct Tracked<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// How one listener treats its connections.
+#[derive(Clone)]
+pub(crate) struct ConnPolicy {
+    /// A connection must deliver a complete first request head this long after it was accepted.
+    pub(crate) head_timeout: Duration,
+    pub(crate) pressure: Arc<Pressure>,
+    /// Turns `true` when the server drains: idle connections close, busy ones after their answer.
+    pub(crate) drain: watch::Receiver<bool>,
+}
+
+/// Serves one connection with `handle` until it ends, the client stays silent past the head
+/// deadline, or it is asked to close (drain, or pressure while idle).
+pub(crate) async fn serve<H, F, B>(
+    stream: TcpStream,
+    builder: auto::Builder<TokioExecutor>,
+    policy: ConnPolicy,
+    handle: H,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = Arc::new(ConnState::default());
+    let head_deadline = tokio::time::Instant::now() + policy.head_timeout;
+    let service = {
+        let (conn, pressure) = (conn.clone(), policy.pressure.clone());
+        service_fn(move |request| {
+            let in_flight = InFlight::begin(&conn, &pressure);
+            let answer = handle(request);
+            async move {
+                let response = answer.await?;
+                Ok::<_, Infallible>(response.map(|body| Tracked {
+                    body,
+                    _in_flight: in_flight,
+                }))
+            }
+        })
+    };
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let ConnPolicy {
+        pressure,
+        mut drain,
+        ..
+    } = policy;
+    let mut closing = false;
+    loop {
+        let reclaim = pressure.notify.notified();
+        tokio::pin!(reclaim);
+        reclaim.as_mut().enable();
+        let idle = conn.in_flight.load(Ordering::SeqCst) == 0;
+        let started = conn.started.load(Ordering::SeqCst);
+        if !closing && idle && (pressure.is_raised() || *drain.borrow()) {
+            if !started {
+                // Nothing was ever asked on it: dropping it loses nothing.
+                return;
+            }
+            closing = true;
+            connection.as_mut().graceful_shutdown();
+        }
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "client connection ended with an error");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(head_deadline), if !conn.started.load(Ordering::SeqCst) => {
+                tracing::debug!("no request head in time: closing the connection");
+                return;
+            }
+            changed = drain.changed(), if !closing => {
+                if changed.is_err() || *drain.borrow() {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+            () = &mut reclaim => {}
+            () = conn.idle.notified() => {}
+        }
+    }
+}
+
+/// A builder with the proxy's HTTP/1.1 and HTTP/2 settings for a listener.
+pub(crate) fn builder(
+    header_read_timeout: Duration,
+    max_header_bytes: usize,
+    max_headers: usize,
+    h2_streams: u32,
+) -> auto::Builder<TokioExecutor> {
+    use hyper_util::rt::TokioTimer;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // Also closes keep-alive connections that stay idle this long before their next request.
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(max_header_bytes)
+        .max_headers(max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(h2_streams)
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find dead peers of long streams; an unanswered ping closes the connection.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
