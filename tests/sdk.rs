@@ -139,3 +139,47 @@ async fn python_sdk_reads_a_replayed_stream_like_the_original() {
         "the replay made no upstream call"
     );
 }
+
+#[tokio::test]
+async fn python_sdk_uploads_stream_through_sync_and_async() {
+    let upstream = MockUpstream::start(|request| {
+        let path = request.path_and_query.as_str();
+        if path == "/api/v1/files" {
+            let file = serde_json::json!({
+                "id": "file-1", "object": "file", "bytes": 11 * 1024 * 1024, "created_at": 1,
+                "filename": "big.jsonl", "purpose": "batch", "status": "processed"
+            });
+            Reply::Json(200, file.to_string())
+        } else {
+            Reply::Json(200, r#"{"text":"hello from the mock"}"#.into())
+        }
+    })
+    .await;
+    let config = "[server]\nmax_body_bytes = 1048576\n\
+        [[routes]]\nname = \"speech\"\nmatch = { model = \"whisper\" }\nmodel = \"openai/whisper-1\"\n";
+    let proxy = TestProxy::start(&upstream, config).await;
+    let mut command = tokio::process::Command::new(python());
+    command.arg(root().join("tests/sdk/uploads_python.py"));
+    run_client(command, &proxy).await;
+    let sent = upstream.requests();
+    assert_eq!(sent.len(), 3, "file, transcription, file (async)");
+    for file in [&sent[0], &sent[2]] {
+        assert!(file.body.len() > 11 * 1024 * 1024, "{}", file.body.len());
+        let needle = b"name=\"purpose\"\r\n\r\nbatch";
+        assert!(file.body.windows(needle.len()).any(|w| w == needle));
+    }
+    let needle = b"name=\"model\"\r\n\r\nopenai/whisper-1\r\n";
+    assert!(sent[1].body.windows(needle.len()).any(|w| w == needle));
+}
+
+#[tokio::test]
+async fn node_sdk_reads_the_413_of_every_oversized_body() {
+    let upstream = MockUpstream::openai_like().await;
+    let proxy = TestProxy::start(&upstream, "[server]\nmax_body_bytes = 1048576\n").await;
+    let mut command = tokio::process::Command::new("node");
+    command
+        .arg(root().join("tests/sdk/body_limit_node.cjs"))
+        .env("OPENAI_NODE_MODULES", node_modules());
+    run_client(command, &proxy).await;
+    assert_eq!(upstream.request_count(), 0);
+}

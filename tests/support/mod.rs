@@ -864,8 +864,23 @@ pub struct BinaryProxy {
 
 impl BinaryProxy {
     pub async fn spawn(config: &std::path::Path, extra_args: &[&str]) -> BinaryProxy {
+        BinaryProxy::spawn_with(&[], config, extra_args).await
+    }
+
+    /// Like [`BinaryProxy::spawn`], run through `wrapper` (e.g. `["prlimit", "--nofile=256", "--"]`).
+    pub async fn spawn_with(
+        wrapper: &[&str],
+        config: &std::path::Path,
+        extra_args: &[&str],
+    ) -> BinaryProxy {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_openrouter-proxy"))
+        let binary = env!("CARGO_BIN_EXE_openrouter-proxy");
+        let (program, args) = match wrapper.split_first() {
+            Some((program, args)) => (*program, [args, &[binary]].concat()),
+            None => (binary, Vec::new()),
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
             .arg("--config")
             .arg(config)
             .args(extra_args)
