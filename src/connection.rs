@@ -173,9 +173,13 @@ pub(crate) async fn serve<H, F, B>(
                 }
                 return;
             }
-            () = tokio::time::sleep_until(head_deadline), if !conn.started.load(Ordering::SeqCst) => {
-                tracing::debug!("no request head in time: closing the connection");
-                return;
+            // The condition is read when this `select!` starts, which may be long before the
+            // deadline: whether a head arrived meanwhile is checked again when it passes.
+            () = tokio::time::sleep_until(head_deadline), if !started => {
+                if !conn.started.load(Ordering::SeqCst) {
+                    tracing::debug!("no request head in time: closing the connection");
+                    return;
+                }
             }
             changed = drain.changed(), if !closing => {
                 if changed.is_err() || *drain.borrow() {

@@ -591,3 +591,26 @@ async fn an_upload_over_max_upload_bytes_is_413() {
     assert_eq!(status, 413, "{body:?}");
     assert_eq!(error_json(&body)["error"]["code"], "body_too_large");
 }
+
+#[tokio::test]
+async fn the_head_deadline_spares_connections_that_sent_a_request() {
+    let upstream = MockUpstream::openai_like().await;
+    let proxy = TestProxy::start(&upstream, "[server]\nheader_read_timeout = \"300ms\"\n").await;
+    // An answer slower than the head deadline, on the connection's first request.
+    upstream.push(Reply::After(
+        Duration::from_millis(900),
+        Box::new(Reply::Json(200, chat_completion("m", "slow"))),
+    ));
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let request = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 27\r\n\r\n{\"model\":\"m\",\"messages\":[]}";
+    stream.write_all(request).await.unwrap();
+    let (status, _, body) = read_response(&mut stream).await;
+    assert_eq!(status, 200, "{body}");
+    // Kept alive well past the deadline, with requests coming faster than the idle timeout.
+    for _ in 0..8 {
+        stream.write_all(request).await.unwrap();
+        let (status, _, body) = read_response(&mut stream).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
