@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use http::{header, HeaderMap};
 
-use crate::config::{validate_tokens, Config, TokenConfig, TokenFile};
+use crate::config::{validate_tokens, Config, ConfigError, KeyPath, TokenConfig, TokenFile};
 use crate::error::ProxyError;
 use crate::router::Pattern;
 
@@ -67,14 +67,14 @@ impl Tokens {
     pub fn compile(config: &Config) -> Result<Tokens, String> {
         let mut entries = config.server.tokens.clone();
         if let Some(path) = &config.server.token_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("server.token_file: cannot read {}: {e}", path.display()))?;
-            let file: TokenFile = toml::from_str(&text)
-                .map_err(|e| format!("server.token_file {}: {}", path.display(), e.message()))?;
-            validate_tokens(&file.tokens, &format!("{} tokens", path.display()))?;
-            entries.extend(file.tokens);
+            entries.extend(read_token_file(path).map_err(|e| format!("server.token_file: {e}"))?);
         }
-        validate_tokens(&entries, "tokens (config and token file together)")?;
+        validate_tokens(&entries, KeyPath::new("tokens")).map_err(|invalid| {
+            format!(
+                "{}: {} (config and token file together)",
+                invalid.key, invalid.reason
+            )
+        })?;
         entries
             .iter()
             .map(Token::compile)
@@ -111,6 +111,17 @@ impl Tokens {
         }
         found.map(Some).ok_or(ProxyError::Unauthorized)
     }
+}
+
+/// The entries of a token file, validated on their own, with errors placed in that file.
+fn read_token_file(path: &std::path::Path) -> Result<Vec<TokenConfig>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::file(path, format!("cannot read: {e}")))?;
+    let file: TokenFile =
+        toml::from_str(&text).map_err(|e| ConfigError::toml(&text, &e).in_file(path))?;
+    validate_tokens(&file.tokens, KeyPath::new("tokens"))
+        .map_err(|invalid| ConfigError::invalid(&text, invalid).in_file(path))?;
+    Ok(file.tokens)
 }
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {

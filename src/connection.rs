@@ -105,6 +105,10 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
+/// How long a connection that has not sent a request head may keep its slot when the listener
+/// is full or draining (at most the head timeout).
+const SILENT_GRACE: Duration = Duration::from_secs(1);
+
 /// How one listener treats its connections.
 #[derive(Clone)]
 pub(crate) struct ConnPolicy {
@@ -129,7 +133,11 @@ pub(crate) async fn serve<H, F, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let conn = Arc::new(ConnState::default());
-    let head_deadline = tokio::time::Instant::now() + policy.head_timeout;
+    let accepted = tokio::time::Instant::now();
+    let head_deadline = accepted + policy.head_timeout;
+    // A fresh connection gets a moment to send its head (it may have waited in the accept queue
+    // with its request already sent) before it counts as silent when its slot is wanted.
+    let silent_at = accepted + policy.head_timeout.min(SILENT_GRACE);
     let service = {
         let (conn, pressure) = (conn.clone(), policy.pressure.clone());
         service_fn(move |request| {
@@ -151,20 +159,21 @@ pub(crate) async fn serve<H, F, B>(
         mut drain,
         ..
     } = policy;
-    let mut closing = false;
+    let (mut closing, mut draining) = (false, *drain.borrow());
     loop {
         let reclaim = pressure.notify.notified();
         tokio::pin!(reclaim);
         reclaim.as_mut().enable();
-        let idle = conn.in_flight.load(Ordering::SeqCst) == 0;
         let started = conn.started.load(Ordering::SeqCst);
-        if !closing && idle && (pressure.is_raised() || *drain.borrow()) {
-            if !started {
-                // Nothing was ever asked on it: dropping it loses nothing.
+        let asked = pressure.is_raised() || draining;
+        let silent = tokio::time::Instant::now() >= silent_at;
+        if !closing && asked && conn.in_flight.load(Ordering::SeqCst) == 0 {
+            if started {
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            } else if silent {
                 return;
             }
-            closing = true;
-            connection.as_mut().graceful_shutdown();
         }
         tokio::select! {
             result = connection.as_mut() => {
@@ -181,11 +190,9 @@ pub(crate) async fn serve<H, F, B>(
                     return;
                 }
             }
-            changed = drain.changed(), if !closing => {
-                if changed.is_err() || *drain.borrow() {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
-                }
+            () = tokio::time::sleep_until(silent_at), if asked && !started && !silent => {}
+            changed = drain.changed(), if !draining => {
+                draining = changed.is_err() || *drain.borrow();
             }
             () = &mut reclaim => {}
             () = conn.idle.notified() => {}

@@ -260,10 +260,8 @@ impl LiveConfig {
     /// Reads and validates `path` (the same checks as `--check`).
     pub fn load(path: impl Into<PathBuf>) -> Result<LiveConfig, ConfigError> {
         let path = path.into();
-        let bytes = std::fs::read(&path).map_err(|e| ConfigError {
-            file: path.clone(),
-            reason: format!("cannot read: {e}"),
-        })?;
+        let bytes = std::fs::read(&path)
+            .map_err(|e| ConfigError::file(&path, format!("cannot read: {e}")))?;
         let hash = content_hash(&bytes);
         let config = parse(&path, bytes)?;
         Ok(LiveConfig {
@@ -303,12 +301,8 @@ impl LiveConfig {
 }
 
 fn parse(path: &Path, bytes: Vec<u8>) -> Result<Config, ConfigError> {
-    let error = |reason: String| ConfigError {
-        file: path.to_owned(),
-        reason,
-    };
-    let text = String::from_utf8(bytes).map_err(|_| error("not valid UTF-8".to_owned()))?;
-    Config::parse(&text).map_err(error)
+    let text = String::from_utf8(bytes).map_err(|_| ConfigError::file(path, "not valid UTF-8"))?;
+    Config::parse(&text).map_err(|error| error.in_file(path))
 }
 
 /// The hash of the API key file's bytes (`None` when the key comes from the environment or the

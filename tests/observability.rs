@@ -659,12 +659,16 @@ fn metrics_config_is_validated() {
     assert_eq!(config.metrics.max_model_labels, 100);
     let config = openrouter_proxy::Config::parse("[metrics]\nmax_model_labels = 0").unwrap();
     assert_eq!(config.metrics.max_model_labels, 0);
-    let err = openrouter_proxy::Config::parse("[metrics]\nmax_model_label = 5").unwrap_err();
+    let err = openrouter_proxy::Config::parse("[metrics]\nmax_model_label = 5")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("max_model_label") && err.contains("line 2"),
         "{err}"
     );
-    let err = openrouter_proxy::Config::parse("[metrics]\nmax_model_labels = 20000").unwrap_err();
+    let err = openrouter_proxy::Config::parse("[metrics]\nmax_model_labels = 20000")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("metrics.max_model_labels"), "{err}");
 }
 

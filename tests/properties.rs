@@ -536,7 +536,7 @@ proptest! {
                 prop_assert!(BaseUrl::parse(&config.upstream.base_url).is_ok());
                 prop_assert!((1..=10).contains(&config.fallback.max_attempts));
             }
-            Err(error) => prop_assert!(!error.trim().is_empty()),
+            Err(error) => prop_assert!(!error.to_string().trim().is_empty()),
         }
     }
 
@@ -559,7 +559,7 @@ proptest! {
             text.push_str(&format!("[{name}]\n"));
         }
         text.push_str(&body.join("\n"));
-        let error = Config::parse(&text).expect_err(&text);
+        let error = Config::parse(&text).expect_err(&text).to_string();
         prop_assert!(error.contains(&key), "{:?} gave {:?}", text, error);
         prop_assert!(error.contains("unknown field"), "{:?} gave {:?}", text, error);
         let inserted = format!("{} = {value}", toml_key(&key));

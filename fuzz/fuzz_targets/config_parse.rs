@@ -7,7 +7,7 @@ use openrouter_proxy::Config;
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Err(error) = Config::parse(text) {
-            assert!(!error.is_empty());
+            assert!(!error.to_string().is_empty());
         }
     }
 });

@@ -1,28 +1,19 @@
 //! The typed `proxy.toml` schema: defaults, parsing and validation with errors that name the key.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-/// A config that could not be loaded: which file, and what is wrong (with the key and line where
-/// the TOML parser knows them).
-#[derive(Debug)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub reason: String,
-}
+mod base_url;
+mod error;
+mod validate;
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.file.display(), self.reason)
-    }
-}
-
-impl std::error::Error for ConfigError {}
+pub use base_url::BaseUrl;
+pub use error::{ConfigError, Invalid, KeyPath};
+pub use validate::validate_tokens;
 
 /// The whole `proxy.toml`, validated.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
@@ -356,221 +347,20 @@ pub struct MatchConfig {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        Config::parse(&text).map_err(|reason| ConfigError {
-            file: path.to_owned(),
-            reason,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::file(path, format!("cannot read: {e}")))?;
+        Config::parse(&text).map_err(|error| error.in_file(path))
     }
 
-    /// Parses and validates config text. The error names the key (and line, for parse errors).
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
-        config.validate()?;
+    /// Parses and validates config text. The error names the line, column and key, never a
+    /// value.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::toml(text, &e))?;
+        config
+            .validate()
+            .map_err(|invalid| ConfigError::invalid(text, invalid))?;
         Ok(config)
     }
-
-    fn validate(&self) -> Result<(), String> {
-        let s = &self.server;
-        if s.listen == s.admin_listen && s.listen.port() != 0 {
-            return Err("server.admin_listen: must differ from server.listen".into());
-        }
-        positive(s.max_body_bytes as u64, "server.max_body_bytes")?;
-        positive(s.max_connections as u64, "server.max_connections")?;
-        positive(
-            s.admin_max_connections as u64,
-            "server.admin_max_connections",
-        )?;
-        positive(s.max_upload_bytes, "server.max_upload_bytes")?;
-        nonzero(s.body_read_timeout, "server.body_read_timeout")?;
-        nonzero(s.header_read_timeout, "server.header_read_timeout")?;
-        if s.max_header_bytes < 8192 {
-            return Err(format!(
-                "server.max_header_bytes: must be at least 8192, got {}",
-                s.max_header_bytes
-            ));
-        }
-        positive(s.max_headers as u64, "server.max_headers")?;
-        if s.worker_threads > 1024 {
-            return Err(format!(
-                "server.worker_threads: at most 1024, got {}",
-                s.worker_threads
-            ));
-        }
-        positive(
-            u64::from(s.http2_max_concurrent_streams),
-            "server.http2_max_concurrent_streams",
-        )?;
-        validate_tokens(&s.tokens, "server.tokens")?;
-        if self.upstream.auth == UpstreamAuth::Passthrough
-            && (!s.tokens.is_empty() || s.token_file.is_some())
-        {
-            return Err("server.tokens: inbound tokens and upstream.auth = \"passthrough\" both use the Authorization header; choose one".into());
-        }
-
-        let u = &self.upstream;
-        crate::upstream::BaseUrl::parse(&u.base_url)
-            .map_err(|e| format!("upstream.base_url: {e}"))?;
-        if u.api_key_env.is_some() && u.api_key_file.is_some() {
-            return Err(
-                "upstream.api_key_file: set either api_key_env or api_key_file, not both".into(),
-            );
-        }
-        if u.api_key_env.as_deref() == Some("") {
-            return Err("upstream.api_key_env: must not be empty".into());
-        }
-        nonzero(u.connect_timeout, "upstream.connect_timeout")?;
-        nonzero(u.first_byte_timeout, "upstream.first_byte_timeout")?;
-        for (name, value) in &u.headers {
-            header_pair(name, value, &format!("upstream.headers.\"{name}\""))?;
-        }
-
-        let f = &self.fallback;
-        if f.max_attempts == 0 || f.max_attempts > 10 {
-            return Err(format!(
-                "fallback.max_attempts: must be between 1 and 10, got {}",
-                f.max_attempts
-            ));
-        }
-        for status in &f.on_status {
-            if !(400..=599).contains(status) {
-                return Err(format!(
-                    "fallback.on_status: {status} is not an HTTP error status (400-599)"
-                ));
-            }
-        }
-        if f.cooldown_failures == 0 {
-            return Err("fallback.cooldown_failures: must be at least 1".into());
-        }
-        positive(f.max_inspect_bytes as u64, "fallback.max_inspect_bytes")?;
-        nonzero(u.stream_idle_timeout, "upstream.stream_idle_timeout")?;
-        positive(self.cache.max_bytes, "cache.max_bytes")?;
-        positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
-        if self.log.level.trim().is_empty() {
-            return Err("log.level: must not be empty".into());
-        }
-        if self.metrics.max_model_labels > 10_000 {
-            return Err(format!(
-                "metrics.max_model_labels: must be at most 10000, got {}",
-                self.metrics.max_model_labels
-            ));
-        }
-
-        let mut names = std::collections::HashSet::new();
-        for (i, route) in self.routes.iter().enumerate() {
-            let at = format!("routes[{i}]");
-            if route.name.trim().is_empty() {
-                return Err(format!("{at}.name: must not be empty"));
-            }
-            if !names.insert(route.name.as_str()) {
-                return Err(format!(
-                    "{at}.name: duplicate route name \"{}\"",
-                    route.name
-                ));
-            }
-            let at = format!("routes[{i}] (\"{}\")", route.name);
-            for model in route.model.iter().chain(&route.fallbacks) {
-                if model.trim().is_empty() {
-                    return Err(format!("{at}.model: model names must not be empty"));
-                }
-            }
-            if route.model.is_none() && !route.fallbacks.is_empty() {
-                return Err(format!("{at}.fallbacks: needs `model` to be set as well"));
-            }
-            if let Some(timeout) = route.first_byte_timeout {
-                nonzero(timeout, &format!("{at}.first_byte_timeout"))?;
-            }
-            limits(route.max_concurrent, route.requests_per_minute, &at)?;
-            if let Some(path) = &route.matcher.path {
-                if !path.starts_with("/v1") {
-                    return Err(format!(
-                        "{at}.match.path: must start with /v1, got \"{path}\""
-                    ));
-                }
-            }
-        }
-        crate::router::Router::compile(self)?;
-        Ok(())
-    }
-}
-
-/// `line 3 (`lisen = 3`): unknown field `lisen`, expected one of ...`: the line, its text (which
-/// names the key) and the reason, on one line for logs.
-fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
-    let reason = error.message().trim();
-    let Some(span) = error.span() else {
-        return reason.to_owned();
-    };
-    let start = span.start.min(text.len());
-    let line = text[..start].matches('\n').count() + 1;
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
-    let source = text[line_start..line_end].trim();
-    format!("line {line} (`{source}`): {reason}")
-}
-
-/// Checks `[[server.tokens]]` (or a token file's `[[tokens]]`, under the prefix `at`).
-pub fn validate_tokens(tokens: &[TokenConfig], at: &str) -> Result<(), String> {
-    let mut names = std::collections::HashSet::new();
-    for (i, token) in tokens.iter().enumerate() {
-        let at = format!("{at}[{i}]");
-        if token.name.trim().is_empty() {
-            return Err(format!("{at}.name: must not be empty"));
-        }
-        if !names.insert(token.name.as_str()) {
-            return Err(format!(
-                "{at}.name: duplicate token name \"{}\"",
-                token.name
-            ));
-        }
-        let hex = token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-        if !hex {
-            return Err(format!(
-                "{at}.sha256: must be the 64 hex digits of the token's SHA-256 (see openrouter-proxy --hash-token)"
-            ));
-        }
-        limits(token.max_concurrent, token.requests_per_minute, &at)?;
-    }
-    Ok(())
-}
-
-fn limits(concurrent: Option<usize>, per_minute: Option<u32>, at: &str) -> Result<(), String> {
-    if concurrent == Some(0) {
-        return Err(format!(
-            "{at}.max_concurrent: must be at least 1 (omit it for no limit)"
-        ));
-    }
-    if per_minute == Some(0) {
-        return Err(format!(
-            "{at}.requests_per_minute: must be at least 1 (omit it for no limit)"
-        ));
-    }
-    Ok(())
-}
-
-fn positive(value: u64, key: &str) -> Result<(), String> {
-    if value == 0 {
-        return Err(format!("{key}: must be greater than 0"));
-    }
-    Ok(())
-}
-
-fn nonzero(value: Duration, key: &str) -> Result<(), String> {
-    if value.is_zero() {
-        return Err(format!("{key}: must be longer than 0s"));
-    }
-    Ok(())
-}
-
-fn header_pair(name: &str, value: &str, key: &str) -> Result<(), String> {
-    http::HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("{key}: \"{name}\" is not a valid header name"))?;
-    http::HeaderValue::from_str(value)
-        .map_err(|_| format!("{key}: value is not a valid header value"))?;
-    Ok(())
 }
 
 /// Humantime durations (`"30s"`, `"1m 30s"`, `"250ms"`) for serde.
@@ -581,7 +371,7 @@ mod humantime_serde {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
-                "invalid duration \"{text}\": {e} (use e.g. \"30s\", \"5m\")"
+                "invalid duration: {e} (write it like 250ms, 30s or 5m)"
             ))
         })
     }
@@ -611,6 +401,9 @@ mod tests {
     #[test]
     fn unknown_key_is_named_with_its_line() {
         let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n").unwrap_err();
+        assert_eq!((err.line, err.column), (Some(3), Some(1)));
+        assert_eq!(err.key.as_deref(), Some("server.lisen"));
+        let err = err.to_string();
         assert!(err.contains("lisen"), "{err}");
         assert!(err.contains("line 3"), "{err}");
     }
@@ -618,7 +411,7 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            ("[upstream]\nconnect_timeout = \"soon\"", "soon"),
+            ("[upstream]\nconnect_timeout = \"soon\"", "invalid duration"),
             ("[upstream]\nbase_url = \"ftp://x\"", "upstream.base_url"),
             ("[fallback]\nmax_attempts = 0", "fallback.max_attempts"),
             ("[fallback]\non_status = [200]", "fallback.on_status"),
@@ -637,8 +430,40 @@ mod tests {
             ("[server]\nmax_body_bytes = -1", "max_body_bytes"),
         ];
         for (text, needle) in cases {
-            let err = Config::parse(text).unwrap_err();
+            let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn validation_errors_name_the_line_and_key() {
+        let text = "[[routes]]\nname = \"a\"\n\n[[routes]]\nname = \"b\"\nfallbacks = [\"x\"]\n";
+        let err = Config::parse(text).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("routes[1].fallbacks"));
+        assert_eq!(err.line, Some(6));
+        assert!(err.reason.contains("route \"b\""), "{err}");
+    }
+
+    #[test]
+    fn errors_never_show_a_value() {
+        let secret = "sk-or-v1-0123456789abcdef";
+        let cases = [
+            format!("[upstream.headers]\nAuthorization = \"Bearer {secret}\nx = 1\n"),
+            format!("[upstream]\nheaders = {{ Authorization = \"Bearer {secret}\" \n"),
+            format!("[server]\nmax_body_bytes = \"{secret}\"\n"),
+            format!("[upstream]\nconnect_timeout = \"{secret}\"\n"),
+            format!("[upstream.headers]\n\"x-key\" = \"{secret}\\u0000\"\n"),
+            format!("[upstream]\nbase_url = \"https://openrouter.ai/{secret} x\"\n"),
+        ];
+        for text in cases {
+            let err = Config::parse(&text).unwrap_err();
+            let shown = err.to_string();
+            assert!(
+                !shown.contains(secret),
+                "{text:?} showed the value: {shown}"
+            );
+            assert!(err.line.is_some(), "{text:?}: {shown}");
+            assert!(err.key.is_some(), "{text:?}: {shown}");
         }
     }
 
