@@ -197,8 +197,8 @@ impl Scanner {
             self.usage = Some(usage);
         }
         for choice in &chunk.choices {
-            if choice.finish_reason.as_deref() == Some("error") {
-                return Event::Error("the provider finished the answer with an error".to_owned());
+            if choice.finished_with_error() {
+                return Event::Error(FINISHED_WITH_ERROR.to_owned());
             }
             if self.collect_text {
                 if let Some(content) = choice.delta.as_ref().and_then(|d| d.content.as_deref()) {
@@ -237,6 +237,14 @@ struct Choice {
     finish_reason: Option<String>,
 }
 
+impl Choice {
+    fn finished_with_error(&self) -> bool {
+        self.finish_reason.as_deref() == Some("error")
+    }
+}
+
+const FINISHED_WITH_ERROR: &str = "the provider finished the answer with an error";
+
 #[derive(Deserialize)]
 struct Delta {
     #[serde(default)]
@@ -259,13 +267,13 @@ pub fn error_message(error: &RawValue) -> String {
 #[derive(Debug, Default, PartialEq)]
 pub struct JsonAnswer {
     /// The message of a top-level `error` ("unavailable" answers that OpenRouter sends with
-    /// status 200).
+    /// status 200), or of a choice finished with `finish_reason: "error"`, as in a stream.
     pub error: Option<String>,
     pub usage: Option<Usage>,
 }
 
-/// Reads the top-level `error` and `usage` of a JSON answer. A body that mentions neither word is
-/// not parsed at all.
+/// Reads the top-level `error`, the choices' `finish_reason` and `usage` of a JSON answer. A body
+/// that mentions neither `"error"` nor `"usage"` is not parsed at all.
 pub fn json_answer(body: &[u8]) -> JsonAnswer {
     #[derive(Deserialize)]
     struct Top<'a> {
@@ -273,13 +281,20 @@ pub fn json_answer(body: &[u8]) -> JsonAnswer {
         error: Option<&'a RawValue>,
         #[serde(default)]
         usage: Option<Usage>,
+        #[serde(default)]
+        choices: Vec<Choice>,
     }
     if memmem::find(body, b"\"error\"").is_none() && memmem::find(body, b"\"usage\"").is_none() {
         return JsonAnswer::default();
     }
     match serde_json::from_slice::<Top<'_>>(body) {
         Ok(top) => JsonAnswer {
-            error: top.error.filter(|e| e.get() != "null").map(error_message),
+            error: top.error.filter(|e| e.get() != "null").map(error_message).or_else(|| {
+                top.choices
+                    .iter()
+                    .any(Choice::finished_with_error)
+                    .then(|| FINISHED_WITH_ERROR.to_owned())
+            }),
             usage: top.usage,
         },
         Err(_) => JsonAnswer::default(),
@@ -374,6 +389,14 @@ mod tests {
         );
         assert_eq!(json_body_error(br#"{"error":null,"choices":[]}"#), None);
         assert_eq!(json_body_error(br#"{"choices":[]}"#), None);
+        assert_eq!(
+            json_body_error(br#"{"choices":[{"message":{},"finish_reason":"error"}]}"#),
+            Some(FINISHED_WITH_ERROR.into())
+        );
+        assert_eq!(
+            json_body_error(br#"{"choices":[{"message":{"content":"error"},"finish_reason":"stop"}]}"#),
+            None
+        );
         assert_eq!(
             json_answer(br#"{"usage":{"prompt_tokens":1,"completion_tokens":2}}"#).usage,
             Some(Usage {
