@@ -258,7 +258,9 @@ async fn attempt(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let idle = out.runtime.config.upstream.stream_idle_timeout;
-    if !status.is_success() {
+    // Compressed bytes cannot be read as events or JSON, and nothing may be added to them: such an
+    // answer goes through untouched, like an error status.
+    if !status.is_success() || compressed(&parts.headers) {
         return Ok(Response::from_parts(
             parts,
             ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle)),
@@ -437,6 +439,17 @@ async fn error_detail(body: Incoming) -> String {
         }
         _ => String::new(),
     }
+}
+
+/// Whether an answer comes in an encoding other than identity (the upstream is asked for identity,
+/// but may answer otherwise).
+fn compressed(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"))
 }
 
 /// `Retry-After` in seconds (the form OpenRouter and most APIs use).

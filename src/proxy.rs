@@ -442,8 +442,8 @@ fn parse_json(
     Ok(Some(json))
 }
 
-/// The client's headers as the upstream should see them: hop-by-hop, `Host`, length and encoding
-/// negotiation dropped; the global headers and the route's own edits applied; `Authorization` set
+/// The client's headers as the upstream should see them: hop-by-hop, `Host` and length dropped,
+/// identity encoding asked for; the global headers and the route's own edits applied; `Authorization` set
 /// to `credentials` (the proxy's key, or the client's own in pass-through mode).
 fn upstream_headers(
     client: &HeaderMap,
@@ -457,8 +457,9 @@ fn upstream_headers(
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::AUTHORIZATION);
     // Compressed answers could not be scanned for usage and errors on the way through; on the
-    // proxy's short hop compression buys nothing.
-    headers.remove(header::ACCEPT_ENCODING);
+    // proxy's short hop compression buys nothing. Saying so explicitly matters: a server may
+    // compress when the header is missing.
+    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     // The body was read whole already; the client's 100-continue handshake is over.
     headers.remove(header::EXPECT);
     for name in &route.remove_headers {

@@ -5,6 +5,10 @@
 
 mod support;
 
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+
 use support::*;
 
 const ROUTES: &str = r#"
@@ -65,5 +69,68 @@ async fn a_json_answer_finished_with_an_error_falls_back_and_is_never_cached() {
         assert_eq!(headers["x-cache"], "MISS", "round {round}");
     }
     assert_eq!(upstream.request_count(), 2);
+}
+
+fn gzip(bytes: &[u8]) -> Bytes {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(bytes).unwrap();
+    Bytes::from(encoder.finish().unwrap())
+}
+
+fn gunzip(bytes: &[u8]) -> String {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut text)
+        .unwrap();
+    text
+}
+
+#[tokio::test]
+async fn compressed_answers_reach_the_client_untouched() {
+    let events = [
+        chunk_event("primary/model", "Hello"),
+        chunk_event("primary/model", " there"),
+        "data: [DONE]\n\n".to_owned(),
+    ]
+    .concat();
+    let stream = gzip(events.as_bytes());
+    let json = gzip(chat_completion("primary/model", "compressed").as_bytes());
+    let (sent_stream, sent_json) = (stream.clone(), json.clone());
+    let upstream = MockUpstream::start(move |request| {
+        let (content_type, body) = if request.json()["stream"] == true {
+            ("text/event-stream", sent_stream.clone())
+        } else {
+            ("application/json", sent_json.clone())
+        };
+        let headers = vec![("content-type", content_type), ("content-encoding", "gzip")];
+        Reply::Raw(200, headers, body)
+    })
+    .await;
+    let proxy = TestProxy::start(&upstream, ROUTES).await;
+
+    // A pass-through stream, and one on a chain (inspected before content).
+    for model in ["m", "chain"] {
+        let body = format!(r#"{{"model":"{model}","stream":true,"messages":[]}}"#);
+        let (status, headers, received) = read_all(chat_request(&proxy, &body).await).await;
+        assert_eq!(status, 200, "{model}");
+        assert_eq!(headers["content-encoding"], "gzip", "{model}");
+        assert_eq!(received, stream, "{model}: the gzip bytes, nothing added");
+        assert_eq!(gunzip(&received), events, "{model}");
+    }
+    // A JSON answer on a cached chain: relayed as it came, twice, never replayed without its
+    // encoding.
+    let body = r#"{"model":"cached","messages":[]}"#;
+    for round in 0..2 {
+        let (status, headers, received) =
+            post_json(&proxy.url("/v1/chat/completions"), body, &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["content-encoding"], "gzip", "round {round}");
+        assert_eq!(received, json, "round {round}");
+    }
+    let sent = upstream.requests();
+    assert_eq!(sent.len(), 4);
+    for request in sent {
+        assert_eq!(request.header("accept-encoding"), Some("identity"));
+    }
 }
 

@@ -98,6 +98,8 @@ pub enum Reply {
     Headers(Vec<(&'static str, &'static str)>, Box<Reply>),
     /// Another reply, sent once the test fires the signal.
     Gated(oneshot::Receiver<()>, Box<Reply>),
+    /// Any status, headers and body bytes, exactly as given (a compressed body, an empty one).
+    Raw(u16, Vec<(&'static str, &'static str)>, Bytes),
 }
 
 type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
@@ -229,6 +231,14 @@ fn render(
             Reply::Gated(gate, reply) => {
                 let _ = gate.await;
                 return render(*reply).await;
+            }
+            Reply::Raw(status, headers, body) => {
+                let mut response = Response::new(MockBody::Full(Some(body)));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                for (name, value) in headers {
+                    response.headers_mut().insert(name, value.parse().unwrap());
+                }
+                response
             }
             Reply::Headers(headers, reply) => {
                 let mut response = render(*reply).await?;
