@@ -94,6 +94,11 @@ impl Relay {
         self.resume = Some(resume);
         self
     }
+
+    /// The upstream body ended before the event that completes its stream.
+    fn truncated(&self) -> bool {
+        self.expect_done && self.scanner.as_ref().is_some_and(|scanner| !scanner.done)
+    }
 }
 
 impl ProxyBody {
@@ -174,6 +179,23 @@ impl ProxyBody {
         Poll::Ready(Some(Ok(Frame::data(bytes))))
     }
 
+    /// Whether everything the client is to receive has been handed over, or there was nothing to
+    /// hand over. hyper never polls a body it knows to be empty (`content-length: 0`), so such an
+    /// answer is complete although its end was never polled.
+    fn handed_over(&self) -> bool {
+        match &self.source {
+            Source::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            Source::Stream(relay) => {
+                relay.held.is_empty()
+                    && relay.tail.is_empty()
+                    && relay.resuming.is_none()
+                    && relay.body.is_end_stream()
+                    && !relay.truncated()
+            }
+            Source::Done => false,
+        }
+    }
+
     /// Ends a broken stream: an error event for event streams, an aborted body otherwise.
     fn fail(
         &mut self,
@@ -194,6 +216,10 @@ impl ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if self.record.is_some() && self.handed_over() {
+            self.finish(Outcome::Complete);
+            return;
+        }
         // A client that leaves mid-stream still used the tokens reported so far.
         if let (Some(record), Source::Stream(relay)) = (&mut self.record, &self.source) {
             if let Some(usage) = relay.scanner.as_ref().and_then(|s| s.usage) {
@@ -302,9 +328,7 @@ impl Body for ProxyBody {
                 }
                 Poll::Ready(Some(Err(error))) => format!("the upstream connection broke: {error}"),
                 Poll::Ready(None) => {
-                    let truncated = relay.expect_done
-                        && relay.scanner.as_ref().is_some_and(|scanner| !scanner.done);
-                    if !truncated {
+                    if !relay.truncated() {
                         if !relay.tail.is_empty() {
                             let rest = relay.tail.split().freeze();
                             return this.deliver(rest);

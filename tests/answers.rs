@@ -6,8 +6,10 @@
 mod support;
 
 use std::io::{Read, Write};
+use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::*;
 
@@ -132,5 +134,54 @@ async fn compressed_answers_reach_the_client_untouched() {
     for request in sent {
         assert_eq!(request.header("accept-encoding"), Some("identity"));
     }
+}
+
+/// Sends a request head on a raw connection, reads up to the end of the answer's head, and
+/// closes the connection.
+async fn read_head_and_leave(proxy: &TestProxy, method: &str, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let request = format!("{method} {path} HTTP/1.1\r\nhost: proxy\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = tokio::time::timeout(PATIENCE, stream.read(&mut buffer))
+            .await
+            .expect("no answer in time")
+            .unwrap();
+        assert!(read > 0, "closed before the head");
+        head.extend_from_slice(&buffer[..read]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test]
+async fn an_empty_200_is_recorded_with_its_status_when_the_client_leaves_after_the_head() {
+    let upstream = MockUpstream::start(|request| {
+        if request.path_and_query.ends_with("/chunked") {
+            Reply::Raw(200, vec![], Bytes::new())
+        } else {
+            Reply::Raw(200, vec![("content-length", "0")], Bytes::new())
+        }
+    })
+    .await;
+    let proxy = TestProxy::start(&upstream, ROUTES).await;
+    for path in ["/v1/responses/resp_1", "/v1/responses/resp_2/chunked"] {
+        let head = read_head_and_leave(&proxy, "DELETE", path).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let series = |status: u16| {
+        format!(r#"openrouter_requests_total{{route="answers-deletes",model="",status="{status}"}}"#)
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (ok, closed) = loop {
+        let ok = proxy.metric(&series(200)).await.unwrap_or(0.0);
+        let closed = proxy.metric(&series(499)).await.unwrap_or(0.0);
+        if ok + closed >= 2.0 || tokio::time::Instant::now() > deadline {
+            break (ok, closed);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!((ok, closed), (2.0, 0.0), "200s recorded, client_closed recorded");
 }
 
