@@ -22,9 +22,11 @@ use crate::config::UpstreamAuth;
 use crate::error::ProxyError;
 use crate::health::Health;
 use crate::limits::{Limits, Permit, Rejection};
-use crate::relay::{ProxyBody, RequestRecord};
+use crate::record::RequestRecord;
+use crate::relay::ProxyBody;
 use crate::reload::Runtime;
 use crate::router::{RequestFacts, Route};
+use crate::shape::Shape;
 
 /// State shared by every request: the live runtime (swapped whole on reload), model health
 /// (which outlives reloads) and the drain flag.
@@ -76,7 +78,8 @@ pub(crate) static X_PROXY_MODEL: HeaderName = HeaderName::from_static("x-proxy-m
 pub(crate) static X_PROXY_ATTEMPTS: HeaderName = HeaderName::from_static("x-proxy-attempts");
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
-/// Handles one client request. Never fails: every error becomes an OpenAI-shaped response here.
+/// Handles one client request. Never fails: every error becomes a response here, in the shape of
+/// the API the client called.
 pub async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
@@ -91,12 +94,14 @@ pub async fn handle(
         request.uri().path().to_owned(),
     ));
     let mut permits = Vec::new();
-    let mut response = match forward(&shared, &runtime, request, &mut record, &mut permits).await {
+    let shape = Shape::of(request.method(), request.uri().path());
+    let forwarded = forward(&shared, &runtime, request, shape, &mut record, &mut permits).await;
+    let mut response = match forwarded {
         Ok(response) => response,
         Err(error) => {
             record.error = Some(error.kind());
             tracing::debug!(request_id = %record.request_id, error = %error.message(), "request failed");
-            error.into_response()
+            error.into_response(shape).map(ProxyBody::full)
         }
     };
     record.status = response.status().as_u16();
@@ -154,6 +159,7 @@ async fn forward(
     shared: &Shared,
     runtime: &Runtime,
     request: Request<Incoming>,
+    shape: Shape,
     record: &mut RequestRecord,
     permits: &mut Vec<Permit>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -180,13 +186,12 @@ async fn forward(
     }
     admit(shared, route, caller, permits)?;
     let credentials = match runtime.config.upstream.auth {
-        UpstreamAuth::Inject => runtime.api_key.as_ref().ok_or(ProxyError::NoApiKey)?,
-        UpstreamAuth::Passthrough => parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or(ProxyError::MissingCredentials)?,
+        UpstreamAuth::Inject => runtime.api_key.clone().ok_or(ProxyError::NoApiKey)?,
+        UpstreamAuth::Passthrough => {
+            callers_key(&parts.headers).ok_or(ProxyError::MissingCredentials)?
+        }
     };
-    let mut headers = upstream_headers(&parts.headers, runtime, route, credentials);
+    let mut headers = upstream_headers(&parts.headers, runtime, route, &credentials);
     if !parts.headers.contains_key(&X_REQUEST_ID) {
         if let Ok(id) = HeaderValue::from_str(&record.request_id) {
             headers.insert(X_REQUEST_ID.clone(), id);
@@ -239,6 +244,7 @@ async fn forward(
         headers,
         bytes,
         json,
+        shape,
         inspect: chain.len() > 1 && max_attempts > 1,
     };
     let mut response = run_chain(
@@ -255,7 +261,7 @@ async fn forward(
             .insert(X_CACHE.clone(), HeaderValue::from_static(value));
     }
     if let Some(miss) = cache {
-        miss.store(shared, &mut response, record.served_model.clone());
+        miss.store(shared, &mut response, shape, record.served_model.clone());
     }
     Ok(response)
 }
@@ -277,13 +283,20 @@ struct Miss {
 }
 
 impl Miss {
-    /// Stores a complete successful answer: at once for a JSON body, at its `[DONE]` for a stream.
-    fn store(self, shared: &Shared, response: &mut Response<ProxyBody>, model: Option<String>) {
+    /// Stores a complete successful answer: at once for a JSON body, at the event that completes
+    /// it for a stream.
+    fn store(
+        self,
+        shared: &Shared,
+        response: &mut Response<ProxyBody>,
+        shape: Shape,
+        model: Option<String>,
+    ) {
         if response.status() != StatusCode::OK {
             return;
         }
         if let Some(bytes) = response.body().complete_bytes() {
-            if crate::sse::json_body_error(bytes).is_some() {
+            if crate::sse::json_answer(shape, bytes).error.is_some() {
                 return;
             }
             let answer = CachedAnswer::new(response.headers(), bytes.clone(), model, self.ttl);
@@ -399,7 +412,11 @@ async fn read_body(headers: &HeaderMap, body: Incoming, limit: usize) -> Result<
 
 /// Endpoints whose body must be JSON naming a model.
 fn needs_model(method: &Method, rest: &str) -> bool {
-    method == Method::POST && matches!(rest, "/chat/completions" | "/completions" | "/embeddings")
+    method == Method::POST
+        && matches!(
+            rest,
+            "/chat/completions" | "/completions" | "/embeddings" | "/messages"
+        )
 }
 
 /// Parses JSON bodies (required for the model endpoints, and whenever the client says JSON).
@@ -442,9 +459,35 @@ fn parse_json(
     Ok(Some(json))
 }
 
-/// The client's headers as the upstream should see them: hop-by-hop, `Host` and length dropped,
-/// identity encoding asked for; the global headers and the route's own edits applied; `Authorization` set
-/// to `credentials` (the proxy's key, or the client's own in pass-through mode).
+/// A pass-through caller's own key: its `Authorization`, or its `x-api-key` (what Anthropic's SDKs
+/// and Claude Code send) as a bearer token. Marked sensitive, like the proxy's own key.
+fn callers_key(headers: &HeaderMap) -> Option<HeaderValue> {
+    if let Some(authorization) = headers.get(header::AUTHORIZATION) {
+        return Some(authorization.clone());
+    }
+    let key = headers.get(&X_API_KEY)?.to_str().ok()?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// The headers a client may carry its credential in. The upstream gets exactly one credential,
+/// the one the proxy chose: never a second one next to it.
+static CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// The client's headers as the upstream should see them: hop-by-hop, `Host`, length and every
+/// credential header dropped, identity encoding asked for; the global headers and the route's
+/// own edits applied; `Authorization` set to `credentials` (the proxy's key, or the client's own
+/// in pass-through mode).
 fn upstream_headers(
     client: &HeaderMap,
     runtime: &Runtime,
@@ -455,11 +498,16 @@ fn upstream_headers(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::AUTHORIZATION);
+    for name in &CREDENTIAL_HEADERS {
+        headers.remove(name);
+    }
     // Compressed answers could not be scanned for usage and errors on the way through; on the
     // proxy's short hop compression buys nothing. Saying so explicitly matters: a server may
     // compress when the header is missing.
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     // The body was read whole already; the client's 100-continue handshake is over.
     headers.remove(header::EXPECT);
     for name in &route.remove_headers {

@@ -1,14 +1,13 @@
 //! The response body handed to the client: an upstream body relayed frame by frame as it arrives
-//! (with the SSE scanner looking on), or a complete body. A stream that breaks ends with an
-//! OpenAI-shaped error event, or continues on the next model when the route asks for it. The body
-//! also carries the request's record, written when the body ends or the client goes away.
+//! (with the SSE scanner looking on), or a complete body. A stream that breaks ends with an error
+//! event in the client's API shape, or continues on the next model when the route asks for it.
+//! The body also carries the request's record, written when the body ends or the client goes away.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -16,8 +15,10 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::cache::StreamRecorder;
-use crate::reload::Runtime;
-use crate::sse::{Scanner, Usage};
+use crate::error::ProxyError;
+use crate::record::{Outcome, RequestRecord};
+use crate::shape::Shape;
+use crate::sse::{Scanner, WINDOW};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -51,7 +52,8 @@ pub struct Relay {
     body: Incoming,
     /// Present for event streams.
     scanner: Option<Scanner>,
-    /// A chat stream must end with `data: [DONE]`; ending without it is a truncation.
+    /// A requested stream must end with the event that completes it in its shape (`data: [DONE]`,
+    /// `message_stop`, `response.completed`); ending without it is a truncation.
     expect_done: bool,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
@@ -93,6 +95,15 @@ impl Relay {
     pub fn with_resume(mut self, resume: Box<dyn Resume>) -> Relay {
         self.resume = Some(resume);
         self
+    }
+
+    /// How a stream that reached its end went: an error event on the way (which the client saw)
+    /// makes it a failure.
+    fn ended(&self) -> Outcome {
+        match &self.scanner {
+            Some(scanner) if scanner.errored => Outcome::UpstreamFailed,
+            _ => Outcome::Complete,
+        }
     }
 
     /// The upstream body ended before the event that completes its stream.
@@ -196,20 +207,22 @@ impl ProxyBody {
         }
     }
 
-    /// Ends a broken stream: an error event for event streams, an aborted body otherwise.
+    /// Ends a broken stream: an error event in the stream's shape for event streams, an aborted
+    /// body otherwise.
     fn fail(
         &mut self,
         reason: &str,
-        event_stream: bool,
+        event_stream: Option<Shape>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(record) = &mut self.record {
             record.stream_error = Some(reason.to_owned());
         }
         self.finish(Outcome::UpstreamFailed);
-        if event_stream {
-            self.deliver(stream_error_event(reason))
-        } else {
-            Poll::Ready(Some(Err(reason.to_owned().into())))
+        match event_stream {
+            Some(shape) => {
+                self.deliver(ProxyError::StreamBroken(reason.to_owned()).stream_event(shape))
+            }
+            None => Poll::Ready(Some(Err(reason.to_owned().into()))),
         }
     }
 }
@@ -261,7 +274,7 @@ impl Body for ProxyBody {
             if let Some(bytes) = relay.held.pop_front() {
                 return this.deliver(bytes);
             }
-            let event_stream = relay.scanner.is_some();
+            let event_stream = relay.scanner.as_ref().map(Scanner::shape);
 
             if let Some(resuming) = &mut relay.resuming {
                 match ready!(resuming.as_mut().poll(cx)) {
@@ -280,7 +293,10 @@ impl Body for ProxyBody {
                     }
                     None => {
                         relay.resuming = None;
-                        return this.fail("the stream broke and no model could continue it", true);
+                        return this.fail(
+                            "the stream broke and no model could continue it",
+                            event_stream,
+                        );
                     }
                 }
             }
@@ -323,6 +339,13 @@ impl Body for ProxyBody {
                             let whole = relay.tail.split_to(relay.tail.len() - keep).freeze();
                             return this.deliver(whole);
                         }
+                        // One event larger than the scanner's window is not held whole: it goes
+                        // out as it comes, and a break in it can no longer be resumed cleanly.
+                        None if relay.tail.len() > WINDOW => {
+                            relay.resume = None;
+                            let partial = relay.tail.split().freeze();
+                            return this.deliver(partial);
+                        }
                         None => continue,
                     }
                 }
@@ -333,12 +356,24 @@ impl Body for ProxyBody {
                             let rest = relay.tail.split().freeze();
                             return this.deliver(rest);
                         }
-                        this.finish(Outcome::Complete);
+                        let outcome = relay.ended();
+                        this.finish(outcome);
                         return Poll::Ready(None);
                     }
-                    "the upstream closed the stream before [DONE]".to_owned()
+                    format!(
+                        "the upstream closed the stream before {}",
+                        completion_event(event_stream)
+                    )
                 }
             };
+
+            // A complete stream is never followed by anything of the proxy's: whatever the
+            // connection does after the completing event adds nothing to the answer.
+            if relay.scanner.as_ref().is_some_and(|s| s.done) {
+                let outcome = relay.ended();
+                this.finish(outcome);
+                return Poll::Ready(None);
+            }
 
             // The stream broke after content may have reached the client.
             let continuation = match (&mut relay.resume, &relay.scanner) {
@@ -379,185 +414,11 @@ impl Body for ProxyBody {
     }
 }
 
-/// The SSE event that ends a stream the upstream broke: OpenAI SDKs raise on an `error` event,
-/// while a stream that merely stops looks like a complete answer to them.
-pub fn stream_error_event(reason: &str) -> Bytes {
-    let event = serde_json::json!({
-        "error": {
-            "message": format!("upstream stream failed: {reason}"),
-            "type": "upstream_error",
-            "param": null,
-            "code": "upstream_stream_error",
-        }
-    });
-    // The leading blank line ends any event the upstream left unfinished.
-    Bytes::from(format!("\n\ndata: {event}\n\n"))
-}
-
-/// How a request ended, as far as the proxy can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Still running; if the record is dropped in this state, the client went away.
-    Pending,
-    Complete,
-    UpstreamFailed,
-}
-
-/// One request's facts, for its access-log line and metrics. Written exactly once, on drop: when
-/// the body ends, fails, or is dropped because the client went away.
-pub struct RequestRecord {
-    pub started: Instant,
-    pub request_id: String,
-    pub method: http::Method,
-    pub path: String,
-    pub route: Arc<str>,
-    /// The inbound token's name, when tokens are configured.
-    pub caller: Option<Arc<str>>,
-    pub requested_model: Option<String>,
-    pub served_model: Option<String>,
-    pub attempts: usize,
-    /// The status of the answer the proxy sent.
-    pub status: u16,
-    pub error: Option<&'static str>,
-    pub usage: Option<Usage>,
-    pub stream_error: Option<String>,
-    /// `HIT`, `MISS` or `BYPASS` where the route caches.
-    pub cache: Option<&'static str>,
-    /// A cache hit that waited for an identical request's upstream answer: its time is that
-    /// request's upstream time, not the proxy's overhead.
-    pub coalesced: bool,
-    /// The config the request runs on; it decides which model names are label values.
-    runtime: Arc<Runtime>,
-    /// From arrival until the first upstream request was sent.
-    dispatched: Option<Duration>,
-    first_byte: Option<Duration>,
-    bytes: u64,
-    outcome: Outcome,
-}
-
-impl RequestRecord {
-    pub fn new(
-        runtime: Arc<Runtime>,
-        request_id: String,
-        method: http::Method,
-        path: String,
-    ) -> RequestRecord {
-        crate::metrics::request_started();
-        RequestRecord {
-            started: Instant::now(),
-            request_id,
-            method,
-            path,
-            route: Arc::from(crate::router::DEFAULT_ROUTE),
-            caller: None,
-            requested_model: None,
-            served_model: None,
-            attempts: 0,
-            status: 0,
-            error: None,
-            usage: None,
-            stream_error: None,
-            cache: None,
-            coalesced: false,
-            runtime,
-            dispatched: None,
-            first_byte: None,
-            bytes: 0,
-            outcome: Outcome::Pending,
-        }
-    }
-
-    /// Called just before an upstream request is sent; the first call ends the proxy's own share
-    /// of the request's time.
-    pub fn mark_dispatched(&mut self) {
-        if self.dispatched.is_none() {
-            self.dispatched = Some(self.started.elapsed());
-        }
-    }
-
-    fn on_data(&mut self, len: usize) {
-        if self.first_byte.is_none() && len > 0 {
-            self.first_byte = Some(self.started.elapsed());
-        }
-        self.bytes += len as u64;
-    }
-
-    /// The proxy's own share of the request's time: until the first upstream request went out,
-    /// or, for an answer from the cache, until it started going out. Requests that never reached
-    /// either point (refused, or abandoned before) have none.
-    fn overhead(&self) -> Option<Duration> {
-        match self.cache {
-            Some("HIT") if self.coalesced => None,
-            Some("HIT") => self.first_byte,
-            _ => self.dispatched,
-        }
-    }
-}
-
-impl Drop for RequestRecord {
-    fn drop(&mut self) {
-        let duration = self.started.elapsed();
-        // 499: the client closed the connection before the answer was complete (nginx's convention).
-        let status = match self.outcome {
-            Outcome::Pending => 499,
-            _ => self.status,
-        };
-        let outcome = match self.outcome {
-            Outcome::Pending => "client_closed",
-            Outcome::Complete => "complete",
-            Outcome::UpstreamFailed => "upstream_failed",
-        };
-        let model = self
-            .served_model
-            .as_deref()
-            .or(self.requested_model.as_deref())
-            .unwrap_or("");
-        let label = crate::metrics::model_label(&self.runtime.config, model);
-        crate::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
-        // A cache hit consumed nothing upstream: its replayed body carries the original usage,
-        // which was counted when that answer was first served.
-        if let Some(usage) = &self.usage {
-            crate::metrics::usage(&label, usage);
-        }
-        let cache = match self.cache {
-            Some("HIT") => Some("hit"),
-            Some("MISS") => Some("miss"),
-            Some("BYPASS") => Some("bypass"),
-            _ => None,
-        };
-        if let Some(result) = cache {
-            crate::metrics::cache_result(&self.route, result);
-        }
-        let overhead = self.overhead();
-        if let Some(overhead) = overhead {
-            crate::metrics::overhead(&self.route, overhead);
-        }
-        // Never the key, headers or bodies: only what routing and accounting decided.
-        tracing::info!(
-            target: "access",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            route = %self.route,
-            caller = self.caller.as_deref().unwrap_or(""),
-            requested_model = self.requested_model.as_deref().unwrap_or(""),
-            served_model = self.served_model.as_deref().unwrap_or(""),
-            attempts = self.attempts,
-            status,
-            response_status = self.status,
-            outcome,
-            error = self.error.unwrap_or(""),
-            stream_error = self.stream_error.as_deref().unwrap_or(""),
-            ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            overhead_ms = overhead.map(|d| d.as_secs_f64() * 1000.0),
-            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
-            completion_tokens = self.usage.map(|u| u.completion_tokens),
-            cost_usd = self.usage.and_then(|u| u.cost),
-            cache = self.cache.unwrap_or(""),
-            coalesced = self.coalesced,
-            bytes = self.bytes,
-            "request"
-        );
+/// The event that completes a stream of `shape`, for messages about its absence.
+fn completion_event(shape: Option<Shape>) -> &'static str {
+    match shape {
+        Some(Shape::Messages) => "message_stop",
+        Some(Shape::Responses) => "response.completed",
+        Some(Shape::Chat) | None => "[DONE]",
     }
 }

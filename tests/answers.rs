@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use support::*;
 
@@ -171,7 +172,9 @@ async fn an_empty_200_is_recorded_with_its_status_when_the_client_leaves_after_t
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     }
     let series = |status: u16| {
-        format!(r#"openrouter_requests_total{{route="answers-deletes",model="",status="{status}"}}"#)
+        format!(
+            r#"openrouter_requests_total{{route="answers-deletes",model="",status="{status}"}}"#
+        )
     };
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let (ok, closed) = loop {
@@ -182,6 +185,87 @@ async fn an_empty_200_is_recorded_with_its_status_when_the_client_leaves_after_t
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert_eq!((ok, closed), (2.0, 0.0), "200s recorded, client_closed recorded");
+    assert_eq!(
+        (ok, closed),
+        (2.0, 0.0),
+        "200s recorded, client_closed recorded"
+    );
 }
 
+const LINE: usize = 64 << 20;
+const PIECE: usize = 64 << 10;
+/// Far above what the proxy should hold for one stream, far below the line.
+const MAX_GROWTH: u64 = 24 << 20;
+
+/// Streams one 64 MiB SSE line through the proxy while the client reads it, and returns the
+/// growth of this process's resident memory once the client has received the whole line but
+/// before the line ends (an unbounded scanner would hold all of it then).
+async fn stream_one_huge_line(model: &str, content_first: bool) -> u64 {
+    let (upstream, tx, _closed) = upstream_with_stream().await;
+    let proxy = TestProxy::start(&upstream, ROUTES).await;
+    let first = if content_first {
+        chunk_event("m", "first")
+    } else {
+        String::new()
+    };
+    let open = r#"data: {"choices":[{"index":0,"delta":{"content":""#;
+    let close = "\"}}]}\n\ndata: [DONE]\n\n";
+    let before_close = (first.len() + open.len() + LINE) as u64;
+
+    let (progress, mut received) = watch::channel(0u64);
+    let body = format!(r#"{{"model":"{model}","stream":true,"messages":[]}}"#);
+    let url = proxy.url("/v1/chat/completions");
+    let reader = tokio::spawn(async move {
+        let headers = [("content-type", "application/json")];
+        let response = send("POST", &url, &headers, body).await;
+        let mut body = response.into_body();
+        let (mut total, mut tail) = (0u64, Vec::new());
+        while let Some(data) = next_data(&mut body).await {
+            total += data.len() as u64;
+            tail.extend_from_slice(&data);
+            let keep = tail.len().saturating_sub(256);
+            tail.drain(..keep);
+            progress.send_replace(total);
+        }
+        (total, String::from_utf8_lossy(&tail).into_owned())
+    });
+
+    let baseline = rss_bytes();
+    if content_first {
+        tx.send(data(&first)).await.unwrap();
+    }
+    tx.send(data(open)).await.unwrap();
+    let piece = Bytes::from(vec![b'x'; PIECE]);
+    for _ in 0..LINE / PIECE {
+        tx.send(Step::Data(piece.clone())).await.unwrap();
+    }
+    tokio::time::timeout(PATIENCE * 3, received.wait_for(|n| *n >= before_close))
+        .await
+        .expect("the client did not receive the line while it was still open")
+        .unwrap();
+    let growth = rss_bytes().saturating_sub(baseline);
+    tx.send(data(close)).await.unwrap();
+    drop(tx);
+    let (total, tail) = tokio::time::timeout(PATIENCE, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(total, before_close + close.len() as u64, "{model}: {tail}");
+    assert!(tail.ends_with(close), "{model}: nothing appended: {tail}");
+    growth
+}
+
+#[tokio::test]
+async fn one_enormous_sse_line_passes_through_in_bounded_memory() {
+    // After content on a pass-through route (the scanner's window), and before content on a
+    // chain (the preamble held back).
+    for (model, content_first) in [("m", true), ("chain", false)] {
+        let growth = stream_one_huge_line(model, content_first).await;
+        assert!(
+            growth < MAX_GROWTH,
+            "{model}: resident memory grew by {} MiB for one {} MiB line",
+            growth >> 20,
+            LINE >> 20
+        );
+    }
+}
