@@ -77,6 +77,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) static X_PROXY_MODEL: HeaderName = HeaderName::from_static("x-proxy-model");
 pub(crate) static X_PROXY_ATTEMPTS: HeaderName = HeaderName::from_static("x-proxy-attempts");
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 
 /// Handles one client request. Never fails: every error becomes a response here, in the shape of
 /// the API the client called.
@@ -164,7 +165,7 @@ async fn forward(
     permits: &mut Vec<Permit>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (parts, body) = request.into_parts();
-    let rest = api_path(parts.uri.path())?;
+    let rest = crate::upstream::api_path(parts.uri.path())?;
     // Unknown callers are turned away before their body is read.
     let caller = runtime.tokens.authenticate(&parts.headers)?;
     if let Some(token) = caller {
@@ -188,7 +189,7 @@ async fn forward(
     let credentials = match runtime.config.upstream.auth {
         UpstreamAuth::Inject => runtime.api_key.clone().ok_or(ProxyError::NoApiKey)?,
         UpstreamAuth::Passthrough => {
-            callers_key(&parts.headers).ok_or(ProxyError::MissingCredentials)?
+            crate::auth::callers_key(&parts.headers).ok_or(ProxyError::MissingCredentials)?
         }
     };
     let mut headers = upstream_headers(&parts.headers, runtime, route, &credentials);
@@ -261,7 +262,7 @@ async fn forward(
             .insert(X_CACHE.clone(), HeaderValue::from_static(value));
     }
     if let Some(miss) = cache {
-        miss.store(shared, &mut response, shape, record.served_model.clone());
+        miss.store(shared, &mut response, record.served_model.clone());
     }
     Ok(response)
 }
@@ -285,20 +286,11 @@ struct Miss {
 impl Miss {
     /// Stores a complete successful answer: at once for a JSON body, at the event that completes
     /// it for a stream.
-    fn store(
-        self,
-        shared: &Shared,
-        response: &mut Response<ProxyBody>,
-        shape: Shape,
-        model: Option<String>,
-    ) {
-        if response.status() != StatusCode::OK {
+    fn store(self, shared: &Shared, response: &mut Response<ProxyBody>, model: Option<String>) {
+        if response.status() != StatusCode::OK || response.body().is_failure() {
             return;
         }
         if let Some(bytes) = response.body().complete_bytes() {
-            if crate::sse::json_answer(shape, bytes).error.is_some() {
-                return;
-            }
             let answer = CachedAnswer::new(response.headers(), bytes.clone(), model, self.ttl);
             match self.fill {
                 Some(fill) => fill.complete(answer),
@@ -380,19 +372,6 @@ fn cached_response(answer: &CachedAnswer, record: &mut RequestRecord) -> Respons
     response
 }
 
-/// `/v1/chat/completions` -> `/chat/completions`; anything outside `/v1` is unknown here.
-fn api_path(path: &str) -> Result<&str, ProxyError> {
-    let rest = match path.strip_prefix("/v1") {
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
-        _ => return Err(ProxyError::UnknownPath),
-    };
-    if crate::upstream::check_path(rest) {
-        Ok(rest)
-    } else {
-        Err(ProxyError::BadPath)
-    }
-}
-
 /// Reads the whole request body (fallback must be able to replay it), refusing at once when the
 /// declared length is over the limit and stopping as soon as the received bytes pass it.
 async fn read_body(headers: &HeaderMap, body: Incoming, limit: usize) -> Result<Bytes, ProxyError> {
@@ -412,11 +391,13 @@ async fn read_body(headers: &HeaderMap, body: Incoming, limit: usize) -> Result<
 
 /// Endpoints whose body must be JSON naming a model.
 fn needs_model(method: &Method, rest: &str) -> bool {
-    method == Method::POST
-        && matches!(
-            rest,
-            "/chat/completions" | "/completions" | "/embeddings" | "/messages"
-        )
+    const ENDPOINTS: [&str; 4] = [
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/messages",
+    ];
+    method == Method::POST && ENDPOINTS.contains(&rest)
 }
 
 /// Parses JSON bodies (required for the model endpoints, and whenever the client says JSON).
@@ -459,31 +440,6 @@ fn parse_json(
     Ok(Some(json))
 }
 
-/// A pass-through caller's own key: its `Authorization`, or its `x-api-key` (what Anthropic's SDKs
-/// and Claude Code send) as a bearer token. Marked sensitive, like the proxy's own key.
-fn callers_key(headers: &HeaderMap) -> Option<HeaderValue> {
-    if let Some(authorization) = headers.get(header::AUTHORIZATION) {
-        return Some(authorization.clone());
-    }
-    let key = headers.get(&X_API_KEY)?.to_str().ok()?.trim();
-    if key.is_empty() {
-        return None;
-    }
-    let mut value = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
-    value.set_sensitive(true);
-    Some(value)
-}
-
-/// The headers a client may carry its credential in. The upstream gets exactly one credential,
-/// the one the proxy chose: never a second one next to it.
-static CREDENTIAL_HEADERS: [HeaderName; 3] = [
-    header::AUTHORIZATION,
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("api-key"),
-];
-
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-
 /// The client's headers as the upstream should see them: hop-by-hop, `Host`, length and every
 /// credential header dropped, identity encoding asked for; the global headers and the route's
 /// own edits applied; `Authorization` set to `credentials` (the proxy's key, or the client's own
@@ -498,16 +454,10 @@ fn upstream_headers(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    for name in &CREDENTIAL_HEADERS {
-        headers.remove(name);
-    }
-    // Compressed answers could not be scanned for usage and errors on the way through; on the
-    // proxy's short hop compression buys nothing. Saying so explicitly matters: a server may
-    // compress when the header is missing.
-    headers.insert(
-        header::ACCEPT_ENCODING,
-        HeaderValue::from_static("identity"),
-    );
+    crate::auth::remove_credentials(&mut headers);
+    // Compressed answers could not be scanned for usage and errors on the way through, and on the
+    // short hop compression buys nothing; without the header a server may compress anyway.
+    headers.insert(header::ACCEPT_ENCODING, IDENTITY.clone());
     // The body was read whole already; the client's 100-continue handshake is over.
     headers.remove(header::EXPECT);
     for name in &route.remove_headers {
@@ -549,18 +499,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_paths() {
-        assert_eq!(
-            api_path("/v1/chat/completions").unwrap(),
-            "/chat/completions"
-        );
-        assert_eq!(api_path("/v1").unwrap(), "");
-        assert!(matches!(api_path("/v2/x"), Err(ProxyError::UnknownPath)));
-        assert!(matches!(api_path("/v1x"), Err(ProxyError::UnknownPath)));
-        assert!(matches!(api_path("/v1/../admin"), Err(ProxyError::BadPath)));
-    }
 
     #[test]
     fn hop_by_hop_headers_go() {

@@ -22,6 +22,9 @@ use crate::sse::{Scanner, WINDOW};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What polling the client's body gives.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
 /// A continuation of a broken stream: the next upstream body and the model serving it.
 pub type ResumeFuture = Pin<Box<dyn Future<Output = Option<(Incoming, String)>> + Send>>;
 
@@ -34,6 +37,9 @@ pub trait Resume: Send {
 /// What the client receives as a response body.
 pub struct ProxyBody {
     source: Source,
+    /// An upstream answer that reports a failure although its status is a success (an error
+    /// body): relayed as it came, never stored for a repeat.
+    failure: bool,
     record: Option<Box<RequestRecord>>,
     /// Concurrency slots held until the answer ends.
     permits: Vec<crate::limits::Permit>,
@@ -106,6 +112,35 @@ impl Relay {
         }
     }
 
+    /// What of an upstream data frame goes out now: all of it, or, while the stream may still be
+    /// resumed, the whole events it completes (`None` until one does).
+    fn pass(&mut self, data: Bytes) -> Option<Bytes> {
+        let Some(scanner) = &mut self.scanner else {
+            return Some(data);
+        };
+        let boundary = scanner.feed(&data, |_| {});
+        if let Some(recorder) = &mut self.recorder {
+            recorder.push(&data);
+        }
+        if self.resume.is_none() {
+            return Some(data);
+        }
+        self.tail.extend_from_slice(&data);
+        match boundary {
+            Some(end) => {
+                let keep = data.len() - end;
+                Some(self.tail.split_to(self.tail.len() - keep).freeze())
+            }
+            // One event larger than the scanner's window is not held whole: it goes out as it
+            // comes, and a break in it can no longer be resumed cleanly.
+            None if self.tail.len() > WINDOW => {
+                self.resume = None;
+                Some(self.tail.split().freeze())
+            }
+            None => None,
+        }
+    }
+
     /// The upstream body ended before the event that completes its stream.
     fn truncated(&self) -> bool {
         self.expect_done && self.scanner.as_ref().is_some_and(|scanner| !scanner.done)
@@ -116,6 +151,7 @@ impl ProxyBody {
     pub fn full(bytes: Bytes) -> ProxyBody {
         ProxyBody {
             source: Source::Full(Some(bytes)),
+            failure: false,
             record: None,
             permits: Vec::new(),
         }
@@ -124,9 +160,20 @@ impl ProxyBody {
     pub fn relay(relay: Relay) -> ProxyBody {
         ProxyBody {
             source: Source::Stream(Box::new(relay)),
+            failure: false,
             record: None,
             permits: Vec::new(),
         }
+    }
+
+    /// Marks an answer that reports a failure (see [`ProxyBody::is_failure`]).
+    pub fn failed(mut self) -> ProxyBody {
+        self.failure = true;
+        self
+    }
+
+    pub fn is_failure(&self) -> bool {
+        self.failure
     }
 
     /// The whole body, when it is already complete in memory.
@@ -183,7 +230,7 @@ impl ProxyBody {
         self.source = Source::Done;
     }
 
-    fn deliver(&mut self, bytes: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn deliver(&mut self, bytes: Bytes) -> Polled {
         if let Some(record) = &mut self.record {
             record.on_data(bytes.len());
         }
@@ -207,13 +254,65 @@ impl ProxyBody {
         }
     }
 
+    /// Waits for the continuation of a broken stream to answer; `Some` ends the body when no model
+    /// could continue it.
+    fn poll_resuming(&mut self, cx: &mut Context<'_>) -> Poll<Option<Polled>> {
+        let Source::Stream(relay) = &mut self.source else {
+            return Poll::Ready(None);
+        };
+        let Some(resuming) = &mut relay.resuming else {
+            return Poll::Ready(None);
+        };
+        let resumed = ready!(resuming.as_mut().poll(cx));
+        relay.resuming = None;
+        let Some((body, model)) = resumed else {
+            let event_stream = relay.scanner.as_ref().map(Scanner::shape);
+            let reason = "the stream broke and no model could continue it";
+            return Poll::Ready(Some(self.fail(reason, event_stream)));
+        };
+        relay.body = body;
+        let next_deadline = tokio::time::Instant::now() + relay.idle_timeout;
+        relay.idle.as_mut().reset(next_deadline);
+        if let Some(record) = &mut self.record {
+            record.served_model = Some(model);
+            record.attempts += 1;
+        }
+        Poll::Ready(None)
+    }
+
+    /// The stream broke, stalled or ended early, after content may have reached the client: it
+    /// ends, or continues on the next model (`None`: poll again), or fails with an error event.
+    fn broke(&mut self, failure: &str) -> Option<Polled> {
+        let Source::Stream(relay) = &mut self.source else {
+            return Some(Poll::Ready(None));
+        };
+        let event_stream = relay.scanner.as_ref().map(Scanner::shape);
+        // A complete stream is never followed by anything of the proxy's: whatever the
+        // connection does after the completing event adds nothing to the answer.
+        if relay.scanner.as_ref().is_some_and(|s| s.done) {
+            let outcome = relay.ended();
+            self.finish(outcome);
+            return Some(Poll::Ready(None));
+        }
+        let continuation = match (&mut relay.resume, &relay.scanner) {
+            (Some(resume), Some(scanner)) => resume.resume(&scanner.text),
+            _ => None,
+        };
+        let Some(future) = continuation else {
+            return Some(self.fail(failure, event_stream));
+        };
+        tracing::warn!(reason = %failure, "stream broke: resuming on the next model");
+        relay.tail.clear();
+        if let Some(scanner) = &mut relay.scanner {
+            scanner.reset_partial();
+        }
+        relay.resuming = Some(future);
+        None
+    }
+
     /// Ends a broken stream: an error event in the stream's shape for event streams, an aborted
     /// body otherwise.
-    fn fail(
-        &mut self,
-        reason: &str,
-        event_stream: Option<Shape>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&mut self, reason: &str, event_stream: Option<Shape>) -> Polled {
         if let Some(record) = &mut self.record {
             record.stream_error = Some(reason.to_owned());
         }
@@ -246,10 +345,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         loop {
             let relay = match &mut this.source {
@@ -276,29 +372,11 @@ impl Body for ProxyBody {
             }
             let event_stream = relay.scanner.as_ref().map(Scanner::shape);
 
-            if let Some(resuming) = &mut relay.resuming {
-                match ready!(resuming.as_mut().poll(cx)) {
-                    Some((body, model)) => {
-                        relay.resuming = None;
-                        relay.body = body;
-                        relay
-                            .idle
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + relay.idle_timeout);
-                        if let Some(record) = &mut this.record {
-                            record.served_model = Some(model);
-                            record.attempts += 1;
-                        }
-                        continue;
-                    }
-                    None => {
-                        relay.resuming = None;
-                        return this.fail(
-                            "the stream broke and no model could continue it",
-                            event_stream,
-                        );
-                    }
+            if relay.resuming.is_some() {
+                if let Some(end) = ready!(this.poll_resuming(cx)) {
+                    return end;
                 }
+                continue;
             }
 
             let polled = Pin::new(&mut relay.body).poll_frame(cx);
@@ -317,37 +395,11 @@ impl Body for ProxyBody {
                         .idle
                         .as_mut()
                         .reset(tokio::time::Instant::now() + relay.idle_timeout);
-                    let Ok(data) = frame.into_data() else {
-                        // Trailers are not relayed: the client's side is HTTP/1.1 or h2 without them.
-                        continue;
-                    };
-                    let Some(scanner) = &mut relay.scanner else {
-                        return this.deliver(data);
-                    };
-                    let boundary = scanner.feed(&data, |_| {});
-                    if let Some(recorder) = &mut relay.recorder {
-                        recorder.push(&data);
+                    // Trailers are not relayed: the client's side is HTTP/1.1 or h2 without them.
+                    if let Some(out) = frame.into_data().ok().and_then(|data| relay.pass(data)) {
+                        return this.deliver(out);
                     }
-                    if relay.resume.is_none() {
-                        return this.deliver(data);
-                    }
-                    // Resumable: hand out whole events only.
-                    relay.tail.extend_from_slice(&data);
-                    match boundary {
-                        Some(end) => {
-                            let keep = data.len() - end;
-                            let whole = relay.tail.split_to(relay.tail.len() - keep).freeze();
-                            return this.deliver(whole);
-                        }
-                        // One event larger than the scanner's window is not held whole: it goes
-                        // out as it comes, and a break in it can no longer be resumed cleanly.
-                        None if relay.tail.len() > WINDOW => {
-                            relay.resume = None;
-                            let partial = relay.tail.split().freeze();
-                            return this.deliver(partial);
-                        }
-                        None => continue,
-                    }
+                    continue;
                 }
                 Poll::Ready(Some(Err(error))) => format!("the upstream connection broke: {error}"),
                 Poll::Ready(None) => {
@@ -366,30 +418,8 @@ impl Body for ProxyBody {
                     )
                 }
             };
-
-            // A complete stream is never followed by anything of the proxy's: whatever the
-            // connection does after the completing event adds nothing to the answer.
-            if relay.scanner.as_ref().is_some_and(|s| s.done) {
-                let outcome = relay.ended();
-                this.finish(outcome);
-                return Poll::Ready(None);
-            }
-
-            // The stream broke after content may have reached the client.
-            let continuation = match (&mut relay.resume, &relay.scanner) {
-                (Some(resume), Some(scanner)) => resume.resume(&scanner.text),
-                _ => None,
-            };
-            match continuation {
-                Some(future) => {
-                    tracing::warn!(reason = %failure, "stream broke: resuming on the next model");
-                    relay.tail.clear();
-                    if let Some(scanner) = &mut relay.scanner {
-                        scanner.reset_partial();
-                    }
-                    relay.resuming = Some(future);
-                }
-                None => return this.fail(&failure, event_stream),
+            if let Some(end) = this.broke(&failure) {
+                return end;
             }
         }
     }

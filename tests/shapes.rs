@@ -12,44 +12,51 @@ use serde_json::Value;
 
 use support::*;
 
-/// Routes `alias` to `model` (then `fallbacks`), cached for ten minutes when `cached`.
-fn route(alias: &str, model: &str, fallbacks: &[&str], cached: bool) -> String {
-    let cache = if cached { "cache_ttl = \"10m\"\n" } else { "" };
-    format!(
-        "[[routes]]\nname = \"{alias}\"\nmatch = {{ model = \"{alias}\" }}\nmodel = \"{model}\"\n\
-         fallbacks = {fallbacks:?}\n{cache}"
-    )
-}
+/// One route per line: the alias a client asks for, the model it is sent to, then its fallbacks;
+/// `cached` caches its answers.
+const ROUTES: &str = "
+    claude                  anthropic/claude-sonnet
+    claude-tokens           anthropic/tokens
+    claude-cached           anthropic/cached            cached
+    claude-failing-cached   anthropic/c-failing         cached
+    claude-cut              anthropic/first-cut
+    claude-overloaded       anthropic/first-overloaded  anthropic/second
+    claude-failing          anthropic/first-failing     anthropic/second
+    claude-refused          anthropic/first-refused     anthropic/second
+    claude-down             anthropic/a-overloaded      anthropic/b-overloaded
+    gpt                     openai/gpt
+    gpt-tokens              openai/tokens
+    gpt-trailing            openai/gpt-trailing
+    gpt-cached              openai/cached               cached
+    gpt-cut                 openai/first-cut
+    gpt-overloaded          openai/first-overloaded     openai/second
+    gpt-failing             openai/first-failing        openai/second
+    sdk-claude              anthropic/sdk-claude
+    sdk-claude-fallback     anthropic/sdk-overloaded    anthropic/sdk-backup
+    sdk-claude-cut          anthropic/sdk-cut
+    sdk-gpt                 openai/sdk-gpt
+    sdk-gpt-fallback        openai/sdk-failing          openai/sdk-backup
+    sdk-gpt-cut             openai/sdk-cut
+";
 
 fn config() -> String {
-    let routes = [
-        route("claude", "anthropic/claude-sonnet", &[], false),
-        route("claude-tokens", "anthropic/tokens", &[], false),
-        route("claude-cached", "anthropic/cached", &[], true),
-        route("claude-failing-cached", "anthropic/c-failing", &[], true),
-        route("claude-cut", "anthropic/first-cut", &[], false),
-        route("claude-overloaded", "anthropic/first-overloaded", &["anthropic/second"], false),
-        route("claude-failing", "anthropic/first-failing", &["anthropic/second"], false),
-        route("claude-refused", "anthropic/first-refused", &["anthropic/second"], false),
-        route("claude-down", "anthropic/a-overloaded", &["anthropic/b-overloaded"], false),
-        route("gpt", "openai/gpt", &[], false),
-        route("gpt-tokens", "openai/tokens", &[], false),
-        route("gpt-trailing", "openai/gpt-trailing", &[], false),
-        route("gpt-cached", "openai/cached", &[], true),
-        route("gpt-cut", "openai/first-cut", &[], false),
-        route("gpt-overloaded", "openai/first-overloaded", &["openai/second"], false),
-        route("gpt-failing", "openai/first-failing", &["openai/second"], false),
-        route("sdk-claude", "anthropic/sdk-claude", &[], false),
-        route("sdk-claude-fallback", "anthropic/sdk-overloaded", &["anthropic/sdk-backup"], false),
-        route("sdk-claude-cut", "anthropic/sdk-cut", &[], false),
-        route("sdk-gpt", "openai/sdk-gpt", &[], false),
-        route("sdk-gpt-fallback", "openai/sdk-failing", &["openai/sdk-backup"], false),
-        route("sdk-gpt-cut", "openai/sdk-cut", &[], false),
-    ];
-    format!(
-        "[fallback]\ncooldown = \"0s\"\n[server]\nmax_body_bytes = 20000\n{}",
-        routes.concat()
-    )
+    let mut config =
+        String::from("[fallback]\ncooldown = \"0s\"\n[server]\nmax_body_bytes = 20000\n");
+    for line in ROUTES.lines().filter(|l| !l.trim().is_empty()) {
+        let mut words = line.split_whitespace();
+        let (alias, model) = (words.next().unwrap(), words.next().unwrap());
+        let (cached, fallbacks): (Vec<&str>, Vec<&str>) = words.partition(|w| *w == "cached");
+        let cache = if cached.is_empty() {
+            ""
+        } else {
+            "cache_ttl = \"10m\"\n"
+        };
+        config.push_str(&format!(
+            "[[routes]]\nname = \"{alias}\"\nmatch = {{ model = \"{alias}\" }}\n\
+             model = \"{model}\"\nfallbacks = {fallbacks:?}\n{cache}"
+        ));
+    }
+    config
 }
 
 async fn start() -> (MockUpstream, TestProxy) {
@@ -99,7 +106,10 @@ fn last_event(body: &[u8]) -> (Option<String>, Value) {
         .lines()
         .find_map(|l| l.strip_prefix("event: "))
         .map(str::to_owned);
-    let data = event.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let data = event
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap();
     (name, serde_json::from_str(data).unwrap())
 }
 
@@ -153,7 +163,10 @@ async fn messages_fall_back_before_content() {
         let (upstream, proxy) = start().await;
         let (status, headers, body) = post(&proxy, "/v1/messages", &ask(alias, stream), &[]).await;
         assert_eq!(status, 200, "{alias} {stream}: {body:?}");
-        assert_eq!(headers["x-proxy-model"], "anthropic/second", "{alias} {stream}");
+        assert_eq!(
+            headers["x-proxy-model"], "anthropic/second",
+            "{alias} {stream}"
+        );
         let expected = if stream {
             anthropic_stream("anthropic/second").concat()
         } else {
@@ -215,7 +228,11 @@ async fn the_proxys_own_errors_on_the_messages_path_are_anthropic_shaped() {
     let (upstream, proxy) = start().await;
     let cases = [
         ("{not json", 400, "invalid_request_error"),
-        (r#"{"max_tokens":1,"messages":[]}"#, 400, "invalid_request_error"),
+        (
+            r#"{"max_tokens":1,"messages":[]}"#,
+            400,
+            "invalid_request_error",
+        ),
         (&"x".repeat(30_000), 413, "request_too_large"),
     ];
     for (body, status, kind) in cases {
@@ -227,7 +244,8 @@ async fn the_proxys_own_errors_on_the_messages_path_are_anthropic_shaped() {
         assert!(answer["error"]["message"].is_string(), "{answer}");
     }
     // Every model overloaded: the last status, Anthropic's type for it, the attempts listed.
-    let (status, headers, body) = post(&proxy, "/v1/messages", &ask("claude-down", false), &[]).await;
+    let (status, headers, body) =
+        post(&proxy, "/v1/messages", &ask("claude-down", false), &[]).await;
     assert_eq!(status, 529);
     assert_eq!(headers["x-should-retry"], "false");
     let answer: Value = serde_json::from_slice(&body).unwrap();
@@ -289,7 +307,8 @@ async fn responses_streams_end_exactly_at_response_completed_and_are_counted() {
         ("gpt", "openai/gpt", ""),
         ("gpt-trailing", "openai/gpt-trailing", "data: [DONE]\n\n"),
     ] {
-        let (status, _, body) = post(&proxy, "/v1/responses", &ask_responses(alias, true), &[]).await;
+        let (status, _, body) =
+            post(&proxy, "/v1/responses", &ask_responses(alias, true), &[]).await;
         assert_eq!(status, 200);
         let expected = responses_stream(model).concat() + trailing;
         assert_eq!(std::str::from_utf8(&body).unwrap(), expected, "{alias}");
@@ -318,7 +337,10 @@ async fn responses_fall_back_before_output() {
         let body = ask_responses(alias, stream);
         let (status, headers, answer) = post(&proxy, "/v1/responses", &body, &[]).await;
         assert_eq!(status, 200, "{alias} {stream}: {answer:?}");
-        assert_eq!(headers["x-proxy-model"], "openai/second", "{alias} {stream}");
+        assert_eq!(
+            headers["x-proxy-model"], "openai/second",
+            "{alias} {stream}"
+        );
         let expected = if stream {
             responses_stream("openai/second").concat()
         } else {

@@ -112,6 +112,7 @@ async fn json(
     };
     let success = answer.status.is_success();
     let found = crate::sse::json_answer(out.shape, &bytes);
+    let reported_failure = found.error.is_some();
     let failure = found.error.filter(|_| success || found.transient);
     if let (true, Some(message)) = (out.inspect, failure) {
         let mut failure = Failure::new(Reason::Unavailable, message);
@@ -125,7 +126,12 @@ async fn json(
         record.usage = found.usage;
     }
     headers.remove(header::CONTENT_LENGTH);
-    Ok(ProxyBody::full(bytes))
+    let body = ProxyBody::full(bytes);
+    Ok(if reported_failure {
+        body.failed()
+    } else {
+        body
+    })
 }
 
 /// Reads a streaming answer until its first content event, holding back what came before

@@ -79,7 +79,10 @@ pub fn anthropic_stream(model: &str) -> Vec<String> {
                 "delta": {"stop_reason": "end_turn", "stop_sequence": null},
                 "usage": {"output_tokens": MESSAGES_OUTPUT, "cost": 0.0003}}),
     ));
-    events.push(named_event("message_stop", &json!({"type": "message_stop"})));
+    events.push(named_event(
+        "message_stop",
+        &json!({"type": "message_stop"}),
+    ));
     events
 }
 
