@@ -9,7 +9,8 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::shape::Shape;
 
-/// Everything that can end a request before an upstream answer is relayed.
+/// Everything that can end a request before an upstream answer is relayed, or (`StreamBroken`)
+/// while one is.
 #[derive(Debug)]
 pub enum ProxyError {
     // The client's fault (4xx).

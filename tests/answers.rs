@@ -261,7 +261,11 @@ async fn one_enormous_sse_line_passes_through_in_bounded_memory() {
     // chain (the preamble held back).
     for (model, content_first) in [("m", true), ("chain", false)] {
         let growth = stream_one_huge_line(model, content_first).await;
-        println!("{model}: RSS grew by {} KiB for one {} MiB line", growth >> 10, LINE >> 20);
+        println!(
+            "{model}: RSS grew by {} KiB for one {} MiB line",
+            growth >> 10,
+            LINE >> 20
+        );
         assert!(
             growth < MAX_GROWTH,
             "{model}: resident memory grew by {} MiB for one {} MiB line",
