@@ -1,28 +1,30 @@
 //! Upstream attempts and the chain of them: sending one attempt, deciding whether its answer is a
 //! failure another model may make up for (statuses, timeouts, errors sent with status 200, SSE
-//! error events before content), holding a stream's preamble until that is known, and continuing
-//! a stream that broke midway when the route asks for it.
+//! error events before content: see `inspect`), and continuing a stream that broke midway when
+//! the route asks for it.
+
+mod inspect;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::JsonBody;
-use crate::config::Midstream;
 use crate::error::{AttemptNote, ProxyError};
 use crate::health::Policy;
 use crate::intake::Upload;
 use crate::proxy::{strip_hop_by_hop, Shared, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
-use crate::relay::{ProxyBody, Relay, RequestRecord, Resume, ResumeFuture};
+use crate::record::RequestRecord;
+use crate::relay::{ProxyBody, Resume, ResumeFuture};
 use crate::reload::Runtime;
 use crate::router::Route;
-use crate::sse::{Event, Scanner};
+use crate::shape::Shape;
 use crate::upstream::{OutBody, UpstreamClient};
 
 /// What every attempt of one request shares.
@@ -37,6 +39,8 @@ pub(crate) struct Outbound<'a> {
     pub(crate) json: Option<JsonBody>,
     /// A body streamed through as the client sends it: it can be sent once only.
     pub(crate) upload: Mutex<Option<Box<Upload>>>,
+    /// How answers look: what completes a stream, what is an error.
+    pub(crate) shape: Shape,
     /// More than one model may answer: failures are inspected and fall back.
     pub(crate) inspect: bool,
 }
@@ -55,6 +59,15 @@ impl Outbound<'_> {
 
     fn request(&self, body: OutBody) -> Request<OutBody> {
         upstream_request(&self.method, &self.uri, &self.headers, body)
+    }
+
+    /// Statuses another model may make up for: 408, 429, `fallback.on_status`, and on the Messages
+    /// path Anthropic's 529 (overloaded).
+    fn falls_back_on(&self, status: StatusCode) -> bool {
+        status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+            || self.runtime.fallback_on_status(status.as_u16())
+            || (self.shape == Shape::Messages && status.as_u16() == 529)
     }
 }
 
@@ -245,10 +258,7 @@ async fn attempt(
     let status = response.status();
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let fallback_status = status == StatusCode::TOO_MANY_REQUESTS
-        || status == StatusCode::REQUEST_TIMEOUT
-        || out.runtime.fallback_on_status(status.as_u16());
-    if out.inspect && fallback_status {
+    if out.inspect && out.falls_back_on(status) {
         let retry_after = retry_after(&parts.headers);
         let detail = error_detail(body).await;
         return Err(Failure {
@@ -259,174 +269,13 @@ async fn attempt(
             timeout,
         });
     }
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let idle = out.runtime.config.upstream.stream_idle_timeout;
-    if !status.is_success() {
-        return Ok(Response::from_parts(
-            parts,
-            ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle)),
-        ));
-    }
-    let body = if content_type.starts_with("text/event-stream") {
-        let resumable = out.route.on_midstream == Midstream::Resume && out.json.is_some();
-        let mut scanner = Scanner::new(resumable);
-        let (held, body) = if out.inspect {
-            hold_until_content(body, &mut scanner, started + timeout, timeout).await?
-        } else {
-            (VecDeque::new(), body)
-        };
-        // Only chat and text completions promise a closing `[DONE]`.
-        let expect_done = out.json.as_ref().is_some_and(|j| j.stream);
-        let mut relay = Relay::new(body, held, Some(scanner), idle).expect_done(expect_done);
-        if resumable {
-            if let Some(continuation) = Continuation::new(out, model) {
-                relay = relay.with_resume(Box::new(continuation));
-            }
-        }
-        ProxyBody::relay(relay)
-    } else if content_type.starts_with("application/json") {
-        let limit = out.runtime.config.fallback.max_inspect_bytes;
-        match read_bounded(body, limit, started + timeout, timeout).await? {
-            Bounded::Complete(bytes) => {
-                let answer = crate::sse::json_answer(&bytes);
-                if out.inspect {
-                    if let Some(message) = answer.error {
-                        return Err(Failure::new(Reason::Unavailable, message));
-                    }
-                }
-                record.usage = answer.usage;
-                parts.headers.remove(header::CONTENT_LENGTH);
-                ProxyBody::full(bytes)
-            }
-            Bounded::TooLarge(held, body) => ProxyBody::relay(Relay::new(body, held, None, idle)),
-        }
-    } else {
-        ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle))
+    let answer = inspect::Answer {
+        status,
+        started,
+        serving: model,
     };
+    let body = inspect::body(out, answer, &mut parts.headers, body, record).await?;
     Ok(Response::from_parts(parts, body))
-}
-
-/// Reads a streaming answer until its first content event, holding back what came before
-/// (status, headers, keep-alive comments), so that an error event in its place can still fall
-/// back invisibly. The moment content shows up, everything held goes out.
-async fn hold_until_content(
-    mut body: Incoming,
-    scanner: &mut Scanner,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<(VecDeque<Bytes>, Incoming), Failure> {
-    let mut held = VecDeque::new();
-    loop {
-        let frame = tokio::time::timeout_at(deadline.into(), body.frame()).await;
-        let frame = match frame {
-            Err(_) => {
-                let mut failure = Failure::new(
-                    Reason::Timeout,
-                    format!("no content within {}", humantime::format_duration(timeout)),
-                );
-                failure.timeout = timeout;
-                return Err(failure);
-            }
-            Ok(None) if scanner.done => return Ok((held, body)),
-            Ok(None) => {
-                return Err(Failure::new(
-                    Reason::StreamFailed,
-                    "the stream ended before any content".into(),
-                ));
-            }
-            Ok(Some(Err(error))) => {
-                return Err(Failure::new(
-                    Reason::StreamFailed,
-                    format!("the stream broke before any content: {error}"),
-                ));
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        let mut verdict: Option<Result<(), String>> = None;
-        scanner.feed(&data, |event| {
-            if verdict.is_none() {
-                match event {
-                    Event::Error(message) => verdict = Some(Err(message)),
-                    Event::Content | Event::Done => verdict = Some(Ok(())),
-                    Event::KeepAlive => {}
-                }
-            }
-        });
-        held.push_back(data);
-        match verdict {
-            Some(Err(message)) => return Err(Failure::new(Reason::Unavailable, message)),
-            Some(Ok(())) => return Ok((held, body)),
-            None => {}
-        }
-    }
-}
-
-enum Bounded {
-    Complete(Bytes),
-    /// Over the inspection limit: what was read so far, and the rest still to come.
-    TooLarge(VecDeque<Bytes>, Incoming),
-}
-
-/// Reads a non-streaming answer whole when it fits in `limit`.
-async fn read_bounded(
-    mut body: Incoming,
-    limit: usize,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<Bounded, Failure> {
-    let mut held: VecDeque<Bytes> = VecDeque::new();
-    let mut size = 0;
-    loop {
-        // The whole answer must arrive within the first-byte budget plus the idle allowance of a
-        // stream; a stalled body is a failed attempt while nothing has reached the client.
-        let frame = match tokio::time::timeout_at(deadline.into(), body.frame()).await {
-            Ok(frame) => frame,
-            Err(_) => match tokio::time::timeout(timeout, body.frame()).await {
-                Ok(frame) => frame,
-                Err(_) => {
-                    let mut failure = Failure::new(Reason::Timeout, "the answer stalled".into());
-                    failure.timeout = timeout;
-                    return Err(failure);
-                }
-            },
-        };
-        match frame {
-            None => break,
-            Some(Err(error)) => {
-                return Err(Failure::new(
-                    Reason::Transport,
-                    format!("the answer broke off: {error}"),
-                ));
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    size += data.len();
-                    held.push_back(data);
-                    if size > limit {
-                        return Ok(Bounded::TooLarge(held, body));
-                    }
-                }
-            }
-        }
-    }
-    Ok(Bounded::Complete(match held.len() {
-        0 => Bytes::new(),
-        1 => held.pop_front().unwrap_or_default(),
-        _ => {
-            let mut joined = BytesMut::with_capacity(size);
-            for part in held {
-                joined.extend_from_slice(&part);
-            }
-            joined.freeze()
-        }
-    }))
 }
 
 /// The start of a failed answer's error message, for the attempt summary: bounded in size and

@@ -1,9 +1,10 @@
 //! Inbound access control: tokens kept only as SHA-256 hashes and compared in constant time, each
-//! with a name for logs and metrics, allowed routes and models, and limits of its own.
+//! with a name for logs and metrics, allowed routes and models, and limits of its own; and the
+//! headers a client's own key may come in.
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{validate_tokens, Config, ConfigError, KeyPath, TokenConfig, TokenFile};
 use crate::error::ProxyError;
@@ -122,6 +123,37 @@ fn read_token_file(path: &std::path::Path) -> Result<Vec<TokenConfig>, ConfigErr
     validate_tokens(&file.tokens, KeyPath::new("tokens"))
         .map_err(|invalid| ConfigError::invalid(&text, invalid).in_file(path))?;
     Ok(file.tokens)
+}
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// The headers a client may carry a key in (OpenAI's SDKs, Anthropic's, Azure's). The upstream
+/// gets exactly one credential, the one the proxy chose, never a client's next to it.
+static CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
+
+pub fn remove_credentials(headers: &mut HeaderMap) {
+    for name in &CREDENTIAL_HEADERS {
+        headers.remove(name);
+    }
+}
+
+/// A pass-through caller's own key: its `Authorization`, or its `x-api-key` (what Anthropic's
+/// SDKs and Claude Code send) as a bearer token, marked sensitive like the proxy's own key.
+pub fn callers_key(headers: &HeaderMap) -> Option<HeaderValue> {
+    if let Some(authorization) = headers.get(header::AUTHORIZATION) {
+        return Some(authorization.clone());
+    }
+    let key = headers.get(&X_API_KEY)?.to_str().ok()?.trim();
+    if key.is_empty() {
+        return None;
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {

@@ -1,14 +1,16 @@
-//! One error type for the pipeline, and the single place where errors become OpenAI-shaped JSON
-//! responses with a status that follows from where the fault lies.
+//! One error type for the pipeline, and the single place where errors become JSON in the
+//! client's API shape (OpenAI's, or Anthropic's on the Messages path), as a response with a status
+//! that follows from where the fault lies, or as the SSE event that ends a broken stream.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use crate::relay::ProxyBody;
+use crate::shape::Shape;
 
-/// Everything that can end a request before an upstream answer is relayed.
+/// Everything that can end a request before an upstream answer is relayed, or (`StreamBroken`)
+/// while one is.
 #[derive(Debug)]
 pub enum ProxyError {
     // The client's fault (4xx).
@@ -59,6 +61,8 @@ pub enum ProxyError {
         status: StatusCode,
         attempts: Vec<AttemptNote>,
     },
+    /// A stream broke after content reached the client (rendered as its last event).
+    StreamBroken(String),
 }
 
 /// One attempt of a request that failed everywhere: which model, and why.
@@ -110,7 +114,9 @@ impl ProxyError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ProxyError::NoApiKey => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamConnect(_) | ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::Upstream(_)
+            | ProxyError::StreamBroken(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::AllAttemptsFailed { status, .. } => *status,
         }
@@ -140,6 +146,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
             ProxyError::AllAttemptsFailed { .. } => "all_attempts_failed",
+            ProxyError::StreamBroken(_) => "upstream_stream_error",
         }
     }
 
@@ -151,6 +158,20 @@ impl ProxyError {
             400..=499 => "invalid_request_error",
             502 | 504 => "upstream_error",
             _ => "proxy_error",
+        }
+    }
+
+    /// The `error.type` Anthropic's API gives for the same status.
+    fn anthropic_type(&self) -> &'static str {
+        match self.status().as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
         }
     }
 
@@ -186,7 +207,7 @@ impl ProxyError {
                 "invalid path: dot segments and encoded slashes are not allowed".to_owned()
             }
             ProxyError::MissingCredentials => {
-                "this proxy forwards each caller's own key: send `Authorization: Bearer <OpenRouter key>`"
+                "this proxy forwards each caller's own key: send `Authorization: Bearer <OpenRouter key>` or `x-api-key: <OpenRouter key>`"
                     .to_owned()
             }
             ProxyError::Unauthorized => {
@@ -222,20 +243,56 @@ impl ProxyError {
                     .collect();
                 format!("all {} attempts failed: {}", attempts.len(), list.join("; "))
             }
+            ProxyError::StreamBroken(reason) => format!("upstream stream failed: {reason}"),
         }
     }
 
-    /// The OpenAI-shaped JSON error response.
-    pub fn into_response(self) -> Response<ProxyBody> {
-        let mut error = serde_json::json!({
-            "message": self.message(),
-            "type": self.error_type(),
-            "param": null,
-            "code": self.kind(),
-        });
-        let mut response = Response::new(ProxyBody::full(Bytes::new()));
-        if let ProxyError::AllAttemptsFailed { attempts, .. } = &self {
+    /// The error as JSON in `shape`: a response body, or (`in_stream`) the data of an SSE event.
+    fn to_json(&self, shape: Shape, in_stream: bool) -> serde_json::Value {
+        let mut body = match (shape, in_stream) {
+            (Shape::Messages, _) => serde_json::json!({
+                "type": "error",
+                "error": { "type": self.anthropic_type(), "message": self.message() },
+            }),
+            // The Responses API's own error event: what its SDKs surface as an `error` event.
+            (Shape::Responses, true) => serde_json::json!({
+                "type": "error",
+                "code": self.kind(),
+                "message": self.message(),
+                "param": null,
+            }),
+            _ => serde_json::json!({
+                "error": {
+                    "message": self.message(),
+                    "type": self.error_type(),
+                    "param": null,
+                    "code": self.kind(),
+                }
+            }),
+        };
+        if let (ProxyError::AllAttemptsFailed { attempts, .. }, Some(error)) =
+            (self, body.get_mut("error"))
+        {
             error["attempts"] = serde_json::json!(attempts);
+        }
+        body
+    }
+
+    /// The SSE event that ends a stream broken after content reached the client: the SDKs raise
+    /// on an error event in their shape, while a stream that merely stops can look complete.
+    pub fn stream_event(&self, shape: Shape) -> Bytes {
+        let data = self.to_json(shape, true);
+        // The leading blank line ends any event the upstream left unfinished.
+        Bytes::from(match shape {
+            Shape::Chat => format!("\n\ndata: {data}\n\n"),
+            Shape::Messages | Shape::Responses => format!("\n\nevent: error\ndata: {data}\n\n"),
+        })
+    }
+
+    /// The JSON error response in the client's `shape`.
+    pub fn into_response(self, shape: Shape) -> Response<Bytes> {
+        let mut response = Response::new(Bytes::new());
+        if let ProxyError::AllAttemptsFailed { .. } = &self {
             // The proxy already tried every model it may: SDKs retrying would only add load.
             response
                 .headers_mut()
@@ -253,8 +310,8 @@ impl ProxyError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        let body = serde_json::json!({ "error": error }).to_string();
-        *response.body_mut() = ProxyBody::full(Bytes::from(body));
+        let body = self.to_json(shape, false).to_string();
+        *response.body_mut() = Bytes::from(body);
         *response.status_mut() = self.status();
         response.headers_mut().insert(
             header::CONTENT_TYPE,

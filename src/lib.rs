@@ -16,10 +16,12 @@ pub mod intake;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod record;
 pub mod relay;
 pub mod reload;
 pub mod router;
 pub mod server;
+pub mod shape;
 pub mod sse;
 pub mod upstream;
 

@@ -22,9 +22,11 @@ use crate::error::ProxyError;
 use crate::health::Health;
 use crate::intake::{BodyLimits, Upload};
 use crate::limits::{Limits, Permit, Rejection};
-use crate::relay::{ProxyBody, RequestRecord};
+use crate::record::RequestRecord;
+use crate::relay::ProxyBody;
 use crate::reload::Runtime;
 use crate::router::{RequestFacts, Route};
+use crate::shape::Shape;
 
 /// State shared by every request: the live runtime (swapped whole on reload), model health
 /// (which outlives reloads) and the drain flag.
@@ -75,8 +77,10 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) static X_PROXY_MODEL: HeaderName = HeaderName::from_static("x-proxy-model");
 pub(crate) static X_PROXY_ATTEMPTS: HeaderName = HeaderName::from_static("x-proxy-attempts");
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 
-/// Handles one client request. Never fails: every error becomes an OpenAI-shaped response here.
+/// Handles one client request. Never fails: every error becomes a response here, in the shape of
+/// the API the client called.
 pub async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
@@ -91,12 +95,14 @@ pub async fn handle(
         request.uri().path().to_owned(),
     ));
     let mut permits = Vec::new();
-    let mut response = match forward(&shared, &runtime, request, &mut record, &mut permits).await {
+    let shape = Shape::of(request.method(), request.uri().path());
+    let forwarded = forward(&shared, &runtime, request, shape, &mut record, &mut permits).await;
+    let mut response = match forwarded {
         Ok(response) => response,
         Err(error) => {
             record.error = Some(error.kind());
             tracing::debug!(request_id = %record.request_id, error = %error.message(), "request failed");
-            error.into_response()
+            error.into_response(shape).map(ProxyBody::full)
         }
     };
     record.status = response.status().as_u16();
@@ -195,11 +201,12 @@ async fn forward(
     shared: &Shared,
     runtime: &Runtime,
     request: Request<Incoming>,
+    shape: Shape,
     record: &mut RequestRecord,
     permits: &mut Vec<Permit>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let (parts, body) = request.into_parts();
-    let rest = api_path(parts.uri.path())?;
+    let rest = crate::upstream::api_path(parts.uri.path())?;
     // Unknown callers are turned away before their body is read.
     let caller = runtime.tokens.authenticate(&parts.headers)?;
     if let Some(token) = caller {
@@ -221,13 +228,12 @@ async fn forward(
     }
     admit(shared, route, caller, permits)?;
     let credentials = match runtime.config.upstream.auth {
-        UpstreamAuth::Inject => runtime.api_key.as_ref().ok_or(ProxyError::NoApiKey)?,
-        UpstreamAuth::Passthrough => parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or(ProxyError::MissingCredentials)?,
+        UpstreamAuth::Inject => runtime.api_key.clone().ok_or(ProxyError::NoApiKey)?,
+        UpstreamAuth::Passthrough => {
+            crate::auth::callers_key(&parts.headers).ok_or(ProxyError::MissingCredentials)?
+        }
     };
-    let mut headers = upstream_headers(&parts.headers, runtime, route, credentials);
+    let mut headers = upstream_headers(&parts.headers, runtime, route, &credentials);
     if !parts.headers.contains_key(&X_REQUEST_ID) {
         if let Ok(id) = HeaderValue::from_str(&record.request_id) {
             headers.insert(X_REQUEST_ID.clone(), id);
@@ -246,6 +252,7 @@ async fn forward(
                 parts: &parts,
                 uri,
                 headers,
+                shape,
             };
             return send_upload(target, upload, requested_model.as_deref(), record).await;
         }
@@ -297,6 +304,7 @@ async fn forward(
         bytes,
         json,
         upload: Mutex::new(None),
+        shape,
         inspect: chain.len() > 1 && max_attempts > 1,
     };
     let mut response = run_chain(
@@ -326,6 +334,7 @@ struct Target<'a> {
     parts: &'a http::request::Parts,
     uri: http::Uri,
     headers: HeaderMap,
+    shape: Shape,
 }
 
 /// Sends a streamed upload: one attempt on the route's first model (the body cannot be sent
@@ -357,6 +366,7 @@ async fn send_upload(
         bytes: Bytes::new(),
         json: None,
         upload: Mutex::new(Some(upload)),
+        shape: target.shape,
         inspect: false,
     };
     let answer = run_chain(target.shared, &outbound, first, requested, record).await;
@@ -405,15 +415,13 @@ struct Miss {
 }
 
 impl Miss {
-    /// Stores a complete successful answer: at once for a JSON body, at its `[DONE]` for a stream.
+    /// Stores a complete successful answer: at once for a JSON body, at the event that completes
+    /// it for a stream.
     fn store(self, shared: &Shared, response: &mut Response<ProxyBody>, model: Option<String>) {
-        if response.status() != StatusCode::OK {
+        if response.status() != StatusCode::OK || response.body().is_failure() {
             return;
         }
         if let Some(bytes) = response.body().complete_bytes() {
-            if crate::sse::json_body_error(bytes).is_some() {
-                return;
-            }
             let answer = CachedAnswer::new(response.headers(), bytes.clone(), model, self.ttl);
             match self.fill {
                 Some(fill) => fill.complete(answer),
@@ -495,22 +503,15 @@ fn cached_response(answer: &CachedAnswer, record: &mut RequestRecord) -> Respons
     response
 }
 
-/// `/v1/chat/completions` -> `/chat/completions`; anything outside `/v1` is unknown here.
-fn api_path(path: &str) -> Result<&str, ProxyError> {
-    let rest = match path.strip_prefix("/v1") {
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
-        _ => return Err(ProxyError::UnknownPath),
-    };
-    if crate::upstream::check_path(rest) {
-        Ok(rest)
-    } else {
-        Err(ProxyError::BadPath)
-    }
-}
-
 /// Endpoints whose body must be JSON naming a model.
 fn needs_model(method: &Method, rest: &str) -> bool {
-    method == Method::POST && matches!(rest, "/chat/completions" | "/completions" | "/embeddings")
+    const ENDPOINTS: [&str; 4] = [
+        "/chat/completions",
+        "/completions",
+        "/embeddings",
+        "/messages",
+    ];
+    method == Method::POST && ENDPOINTS.contains(&rest)
 }
 
 /// Parses JSON bodies (required for the model endpoints, and whenever the client says JSON).
@@ -545,9 +546,10 @@ fn parse_json(
     Ok(Some(json))
 }
 
-/// The client's headers as the upstream should see them: hop-by-hop, `Host`, length and encoding
-/// negotiation dropped; the global headers and the route's own edits applied; `Authorization` set
-/// to `credentials` (the proxy's key, or the client's own in pass-through mode).
+/// The client's headers as the upstream should see them: hop-by-hop, `Host`, length and every
+/// credential header dropped, identity encoding asked for; the global headers and the route's
+/// own edits applied; `Authorization` set to `credentials` (the proxy's key, or the client's own
+/// in pass-through mode).
 fn upstream_headers(
     client: &HeaderMap,
     runtime: &Runtime,
@@ -558,10 +560,10 @@ fn upstream_headers(
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::AUTHORIZATION);
-    // Compressed answers could not be scanned for usage and errors on the way through; on the
-    // proxy's short hop compression buys nothing.
-    headers.remove(header::ACCEPT_ENCODING);
+    crate::auth::remove_credentials(&mut headers);
+    // Compressed answers could not be scanned for usage and errors on the way through, and on the
+    // short hop compression buys nothing; without the header a server may compress anyway.
+    headers.insert(header::ACCEPT_ENCODING, IDENTITY.clone());
     // The body was read whole already; the client's 100-continue handshake is over.
     headers.remove(header::EXPECT);
     for name in &route.remove_headers {
@@ -603,18 +605,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn api_paths() {
-        assert_eq!(
-            api_path("/v1/chat/completions").unwrap(),
-            "/chat/completions"
-        );
-        assert_eq!(api_path("/v1").unwrap(), "");
-        assert!(matches!(api_path("/v2/x"), Err(ProxyError::UnknownPath)));
-        assert!(matches!(api_path("/v1x"), Err(ProxyError::UnknownPath)));
-        assert!(matches!(api_path("/v1/../admin"), Err(ProxyError::BadPath)));
-    }
 
     #[test]
     fn hop_by_hop_headers_go() {

@@ -1,14 +1,13 @@
 //! The response body handed to the client: an upstream body relayed frame by frame as it arrives
-//! (with the SSE scanner looking on), or a complete body. A stream that breaks ends with an
-//! OpenAI-shaped error event, or continues on the next model when the route asks for it. The body
-//! also carries the request's record, written when the body ends or the client goes away.
+//! (with the SSE scanner looking on), or a complete body. A stream that breaks ends with an error
+//! event in the client's API shape, or continues on the next model when the route asks for it.
+//! The body also carries the request's record, written when the body ends or the client goes away.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -16,10 +15,15 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::cache::StreamRecorder;
-use crate::reload::Runtime;
-use crate::sse::{Scanner, Usage};
+use crate::error::ProxyError;
+use crate::record::{Outcome, RequestRecord};
+use crate::shape::Shape;
+use crate::sse::{Scanner, WINDOW};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What polling the client's body gives.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 /// A continuation of a broken stream: the next upstream body and the model serving it.
 pub type ResumeFuture = Pin<Box<dyn Future<Output = Option<(Incoming, String)>> + Send>>;
@@ -33,6 +37,9 @@ pub trait Resume: Send {
 /// What the client receives as a response body.
 pub struct ProxyBody {
     source: Source,
+    /// An upstream answer that reports a failure although its status is a success (an error
+    /// body): relayed as it came, never stored for a repeat.
+    failure: bool,
     record: Option<Box<RequestRecord>>,
     /// Concurrency slots held until the answer ends.
     permits: Vec<crate::limits::Permit>,
@@ -51,7 +58,8 @@ pub struct Relay {
     body: Incoming,
     /// Present for event streams.
     scanner: Option<Scanner>,
-    /// A chat stream must end with `data: [DONE]`; ending without it is a truncation.
+    /// A requested stream must end with the event that completes it in its shape (`data: [DONE]`,
+    /// `message_stop`, `response.completed`); ending without it is a truncation.
     expect_done: bool,
     idle_timeout: Duration,
     idle: Pin<Box<Sleep>>,
@@ -94,12 +102,56 @@ impl Relay {
         self.resume = Some(resume);
         self
     }
+
+    /// How a stream that reached its end went: an error event on the way (which the client saw)
+    /// makes it a failure.
+    fn ended(&self) -> Outcome {
+        match &self.scanner {
+            Some(scanner) if scanner.errored => Outcome::UpstreamFailed,
+            _ => Outcome::Complete,
+        }
+    }
+
+    /// What of an upstream data frame goes out now: all of it, or, while the stream may still be
+    /// resumed, the whole events it completes (`None` until one does).
+    fn pass(&mut self, data: Bytes) -> Option<Bytes> {
+        let Some(scanner) = &mut self.scanner else {
+            return Some(data);
+        };
+        let boundary = scanner.feed(&data, |_| {});
+        if let Some(recorder) = &mut self.recorder {
+            recorder.push(&data);
+        }
+        if self.resume.is_none() {
+            return Some(data);
+        }
+        self.tail.extend_from_slice(&data);
+        match boundary {
+            Some(end) => {
+                let keep = data.len() - end;
+                Some(self.tail.split_to(self.tail.len() - keep).freeze())
+            }
+            // One event larger than the scanner's window is not held whole: it goes out as it
+            // comes, and a break in it can no longer be resumed cleanly.
+            None if self.tail.len() > WINDOW => {
+                self.resume = None;
+                Some(self.tail.split().freeze())
+            }
+            None => None,
+        }
+    }
+
+    /// The upstream body ended before the event that completes its stream.
+    fn truncated(&self) -> bool {
+        self.expect_done && self.scanner.as_ref().is_some_and(|scanner| !scanner.done)
+    }
 }
 
 impl ProxyBody {
     pub fn full(bytes: Bytes) -> ProxyBody {
         ProxyBody {
             source: Source::Full(Some(bytes)),
+            failure: false,
             record: None,
             permits: Vec::new(),
         }
@@ -108,9 +160,20 @@ impl ProxyBody {
     pub fn relay(relay: Relay) -> ProxyBody {
         ProxyBody {
             source: Source::Stream(Box::new(relay)),
+            failure: false,
             record: None,
             permits: Vec::new(),
         }
+    }
+
+    /// Marks an answer that reports a failure (see [`ProxyBody::is_failure`]).
+    pub fn failed(mut self) -> ProxyBody {
+        self.failure = true;
+        self
+    }
+
+    pub fn is_failure(&self) -> bool {
+        self.failure
     }
 
     /// The whole body, when it is already complete in memory.
@@ -167,33 +230,108 @@ impl ProxyBody {
         self.source = Source::Done;
     }
 
-    fn deliver(&mut self, bytes: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn deliver(&mut self, bytes: Bytes) -> Polled {
         if let Some(record) = &mut self.record {
             record.on_data(bytes.len());
         }
         Poll::Ready(Some(Ok(Frame::data(bytes))))
     }
 
-    /// Ends a broken stream: an error event for event streams, an aborted body otherwise.
-    fn fail(
-        &mut self,
-        reason: &str,
-        event_stream: bool,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    /// Whether everything the client is to receive has been handed over, or there was nothing to
+    /// hand over. hyper never polls a body it knows to be empty (`content-length: 0`), so such an
+    /// answer is complete although its end was never polled.
+    fn handed_over(&self) -> bool {
+        match &self.source {
+            Source::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            Source::Stream(relay) => {
+                relay.held.is_empty()
+                    && relay.tail.is_empty()
+                    && relay.resuming.is_none()
+                    && relay.body.is_end_stream()
+                    && !relay.truncated()
+            }
+            Source::Done => false,
+        }
+    }
+
+    /// Waits for the continuation of a broken stream to answer; `Some` ends the body when no model
+    /// could continue it.
+    fn poll_resuming(&mut self, cx: &mut Context<'_>) -> Poll<Option<Polled>> {
+        let Source::Stream(relay) = &mut self.source else {
+            return Poll::Ready(None);
+        };
+        let Some(resuming) = &mut relay.resuming else {
+            return Poll::Ready(None);
+        };
+        let resumed = ready!(resuming.as_mut().poll(cx));
+        relay.resuming = None;
+        let Some((body, model)) = resumed else {
+            let event_stream = relay.scanner.as_ref().map(Scanner::shape);
+            let reason = "the stream broke and no model could continue it";
+            return Poll::Ready(Some(self.fail(reason, event_stream)));
+        };
+        relay.body = body;
+        let next_deadline = tokio::time::Instant::now() + relay.idle_timeout;
+        relay.idle.as_mut().reset(next_deadline);
+        if let Some(record) = &mut self.record {
+            record.served_model = Some(model);
+            record.attempts += 1;
+        }
+        Poll::Ready(None)
+    }
+
+    /// The stream broke, stalled or ended early, after content may have reached the client: it
+    /// ends, or continues on the next model (`None`: poll again), or fails with an error event.
+    fn broke(&mut self, failure: &str) -> Option<Polled> {
+        let Source::Stream(relay) = &mut self.source else {
+            return Some(Poll::Ready(None));
+        };
+        let event_stream = relay.scanner.as_ref().map(Scanner::shape);
+        // A complete stream is never followed by anything of the proxy's: whatever the
+        // connection does after the completing event adds nothing to the answer.
+        if relay.scanner.as_ref().is_some_and(|s| s.done) {
+            let outcome = relay.ended();
+            self.finish(outcome);
+            return Some(Poll::Ready(None));
+        }
+        let continuation = match (&mut relay.resume, &relay.scanner) {
+            (Some(resume), Some(scanner)) => resume.resume(&scanner.text),
+            _ => None,
+        };
+        let Some(future) = continuation else {
+            return Some(self.fail(failure, event_stream));
+        };
+        tracing::warn!(reason = %failure, "stream broke: resuming on the next model");
+        relay.tail.clear();
+        if let Some(scanner) = &mut relay.scanner {
+            scanner.reset_partial();
+        }
+        relay.resuming = Some(future);
+        None
+    }
+
+    /// Ends a broken stream: an error event in the stream's shape for event streams, an aborted
+    /// body otherwise.
+    fn fail(&mut self, reason: &str, event_stream: Option<Shape>) -> Polled {
         if let Some(record) = &mut self.record {
             record.stream_error = Some(reason.to_owned());
         }
         self.finish(Outcome::UpstreamFailed);
-        if event_stream {
-            self.deliver(stream_error_event(reason))
-        } else {
-            Poll::Ready(Some(Err(reason.to_owned().into())))
+        match event_stream {
+            Some(shape) => {
+                self.deliver(ProxyError::StreamBroken(reason.to_owned()).stream_event(shape))
+            }
+            None => Poll::Ready(Some(Err(reason.to_owned().into()))),
         }
     }
 }
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if self.record.is_some() && self.handed_over() {
+            self.finish(Outcome::Complete);
+            return;
+        }
         // A client that leaves mid-stream still used the tokens reported so far.
         if let (Some(record), Source::Stream(relay)) = (&mut self.record, &self.source) {
             if let Some(usage) = relay.scanner.as_ref().and_then(|s| s.usage) {
@@ -207,10 +345,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         loop {
             let relay = match &mut this.source {
@@ -235,28 +370,13 @@ impl Body for ProxyBody {
             if let Some(bytes) = relay.held.pop_front() {
                 return this.deliver(bytes);
             }
-            let event_stream = relay.scanner.is_some();
+            let event_stream = relay.scanner.as_ref().map(Scanner::shape);
 
-            if let Some(resuming) = &mut relay.resuming {
-                match ready!(resuming.as_mut().poll(cx)) {
-                    Some((body, model)) => {
-                        relay.resuming = None;
-                        relay.body = body;
-                        relay
-                            .idle
-                            .as_mut()
-                            .reset(tokio::time::Instant::now() + relay.idle_timeout);
-                        if let Some(record) = &mut this.record {
-                            record.served_model = Some(model);
-                            record.attempts += 1;
-                        }
-                        continue;
-                    }
-                    None => {
-                        relay.resuming = None;
-                        return this.fail("the stream broke and no model could continue it", true);
-                    }
+            if relay.resuming.is_some() {
+                if let Some(end) = ready!(this.poll_resuming(cx)) {
+                    return end;
                 }
+                continue;
             }
 
             let polled = Pin::new(&mut relay.body).poll_frame(cx);
@@ -275,62 +395,31 @@ impl Body for ProxyBody {
                         .idle
                         .as_mut()
                         .reset(tokio::time::Instant::now() + relay.idle_timeout);
-                    let Ok(data) = frame.into_data() else {
-                        // Trailers are not relayed: the client's side is HTTP/1.1 or h2 without them.
-                        continue;
-                    };
-                    let Some(scanner) = &mut relay.scanner else {
-                        return this.deliver(data);
-                    };
-                    let boundary = scanner.feed(&data, |_| {});
-                    if let Some(recorder) = &mut relay.recorder {
-                        recorder.push(&data);
+                    // Trailers are not relayed: the client's side is HTTP/1.1 or h2 without them.
+                    if let Some(out) = frame.into_data().ok().and_then(|data| relay.pass(data)) {
+                        return this.deliver(out);
                     }
-                    if relay.resume.is_none() {
-                        return this.deliver(data);
-                    }
-                    // Resumable: hand out whole events only.
-                    relay.tail.extend_from_slice(&data);
-                    match boundary {
-                        Some(end) => {
-                            let keep = data.len() - end;
-                            let whole = relay.tail.split_to(relay.tail.len() - keep).freeze();
-                            return this.deliver(whole);
-                        }
-                        None => continue,
-                    }
+                    continue;
                 }
                 Poll::Ready(Some(Err(error))) => format!("the upstream connection broke: {error}"),
                 Poll::Ready(None) => {
-                    let truncated = relay.expect_done
-                        && relay.scanner.as_ref().is_some_and(|scanner| !scanner.done);
-                    if !truncated {
+                    if !relay.truncated() {
                         if !relay.tail.is_empty() {
                             let rest = relay.tail.split().freeze();
                             return this.deliver(rest);
                         }
-                        this.finish(Outcome::Complete);
+                        let outcome = relay.ended();
+                        this.finish(outcome);
                         return Poll::Ready(None);
                     }
-                    "the upstream closed the stream before [DONE]".to_owned()
+                    format!(
+                        "the upstream closed the stream before {}",
+                        completion_event(event_stream)
+                    )
                 }
             };
-
-            // The stream broke after content may have reached the client.
-            let continuation = match (&mut relay.resume, &relay.scanner) {
-                (Some(resume), Some(scanner)) => resume.resume(&scanner.text),
-                _ => None,
-            };
-            match continuation {
-                Some(future) => {
-                    tracing::warn!(reason = %failure, "stream broke: resuming on the next model");
-                    relay.tail.clear();
-                    if let Some(scanner) = &mut relay.scanner {
-                        scanner.reset_partial();
-                    }
-                    relay.resuming = Some(future);
-                }
-                None => return this.fail(&failure, event_stream),
+            if let Some(end) = this.broke(&failure) {
+                return end;
             }
         }
     }
@@ -355,185 +444,11 @@ impl Body for ProxyBody {
     }
 }
 
-/// The SSE event that ends a stream the upstream broke: OpenAI SDKs raise on an `error` event,
-/// while a stream that merely stops looks like a complete answer to them.
-pub fn stream_error_event(reason: &str) -> Bytes {
-    let event = serde_json::json!({
-        "error": {
-            "message": format!("upstream stream failed: {reason}"),
-            "type": "upstream_error",
-            "param": null,
-            "code": "upstream_stream_error",
-        }
-    });
-    // The leading blank line ends any event the upstream left unfinished.
-    Bytes::from(format!("\n\ndata: {event}\n\n"))
-}
-
-/// How a request ended, as far as the proxy can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Still running; if the record is dropped in this state, the client went away.
-    Pending,
-    Complete,
-    UpstreamFailed,
-}
-
-/// One request's facts, for its access-log line and metrics. Written exactly once, on drop: when
-/// the body ends, fails, or is dropped because the client went away.
-pub struct RequestRecord {
-    pub started: Instant,
-    pub request_id: String,
-    pub method: http::Method,
-    pub path: String,
-    pub route: Arc<str>,
-    /// The inbound token's name, when tokens are configured.
-    pub caller: Option<Arc<str>>,
-    pub requested_model: Option<String>,
-    pub served_model: Option<String>,
-    pub attempts: usize,
-    /// The status of the answer the proxy sent.
-    pub status: u16,
-    pub error: Option<&'static str>,
-    pub usage: Option<Usage>,
-    pub stream_error: Option<String>,
-    /// `HIT`, `MISS` or `BYPASS` where the route caches.
-    pub cache: Option<&'static str>,
-    /// A cache hit that waited for an identical request's upstream answer: its time is that
-    /// request's upstream time, not the proxy's overhead.
-    pub coalesced: bool,
-    /// The config the request runs on; it decides which model names are label values.
-    runtime: Arc<Runtime>,
-    /// From arrival until the first upstream request was sent.
-    dispatched: Option<Duration>,
-    first_byte: Option<Duration>,
-    bytes: u64,
-    outcome: Outcome,
-}
-
-impl RequestRecord {
-    pub fn new(
-        runtime: Arc<Runtime>,
-        request_id: String,
-        method: http::Method,
-        path: String,
-    ) -> RequestRecord {
-        crate::metrics::request_started();
-        RequestRecord {
-            started: Instant::now(),
-            request_id,
-            method,
-            path,
-            route: Arc::from(crate::router::DEFAULT_ROUTE),
-            caller: None,
-            requested_model: None,
-            served_model: None,
-            attempts: 0,
-            status: 0,
-            error: None,
-            usage: None,
-            stream_error: None,
-            cache: None,
-            coalesced: false,
-            runtime,
-            dispatched: None,
-            first_byte: None,
-            bytes: 0,
-            outcome: Outcome::Pending,
-        }
-    }
-
-    /// Called just before an upstream request is sent; the first call ends the proxy's own share
-    /// of the request's time.
-    pub fn mark_dispatched(&mut self) {
-        if self.dispatched.is_none() {
-            self.dispatched = Some(self.started.elapsed());
-        }
-    }
-
-    fn on_data(&mut self, len: usize) {
-        if self.first_byte.is_none() && len > 0 {
-            self.first_byte = Some(self.started.elapsed());
-        }
-        self.bytes += len as u64;
-    }
-
-    /// The proxy's own share of the request's time: until the first upstream request went out,
-    /// or, for an answer from the cache, until it started going out. Requests that never reached
-    /// either point (refused, or abandoned before) have none.
-    fn overhead(&self) -> Option<Duration> {
-        match self.cache {
-            Some("HIT") if self.coalesced => None,
-            Some("HIT") => self.first_byte,
-            _ => self.dispatched,
-        }
-    }
-}
-
-impl Drop for RequestRecord {
-    fn drop(&mut self) {
-        let duration = self.started.elapsed();
-        // 499: the client closed the connection before the answer was complete (nginx's convention).
-        let status = match self.outcome {
-            Outcome::Pending => 499,
-            _ => self.status,
-        };
-        let outcome = match self.outcome {
-            Outcome::Pending => "client_closed",
-            Outcome::Complete => "complete",
-            Outcome::UpstreamFailed => "upstream_failed",
-        };
-        let model = self
-            .served_model
-            .as_deref()
-            .or(self.requested_model.as_deref())
-            .unwrap_or("");
-        let label = crate::metrics::model_label(&self.runtime.config, model);
-        crate::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
-        // A cache hit consumed nothing upstream: its replayed body carries the original usage,
-        // which was counted when that answer was first served.
-        if let Some(usage) = &self.usage {
-            crate::metrics::usage(&label, usage);
-        }
-        let cache = match self.cache {
-            Some("HIT") => Some("hit"),
-            Some("MISS") => Some("miss"),
-            Some("BYPASS") => Some("bypass"),
-            _ => None,
-        };
-        if let Some(result) = cache {
-            crate::metrics::cache_result(&self.route, result);
-        }
-        let overhead = self.overhead();
-        if let Some(overhead) = overhead {
-            crate::metrics::overhead(&self.route, overhead);
-        }
-        // Never the key, headers or bodies: only what routing and accounting decided.
-        tracing::info!(
-            target: "access",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            route = %self.route,
-            caller = self.caller.as_deref().unwrap_or(""),
-            requested_model = self.requested_model.as_deref().unwrap_or(""),
-            served_model = self.served_model.as_deref().unwrap_or(""),
-            attempts = self.attempts,
-            status,
-            response_status = self.status,
-            outcome,
-            error = self.error.unwrap_or(""),
-            stream_error = self.stream_error.as_deref().unwrap_or(""),
-            ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            overhead_ms = overhead.map(|d| d.as_secs_f64() * 1000.0),
-            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
-            completion_tokens = self.usage.map(|u| u.completion_tokens),
-            cost_usd = self.usage.and_then(|u| u.cost),
-            cache = self.cache.unwrap_or(""),
-            coalesced = self.coalesced,
-            bytes = self.bytes,
-            "request"
-        );
+/// The event that completes a stream of `shape`, for messages about its absence.
+fn completion_event(shape: Option<Shape>) -> &'static str {
+    match shape {
+        Some(Shape::Messages) => "message_stop",
+        Some(Shape::Responses) => "response.completed",
+        Some(Shape::Chat) | None => "[DONE]",
     }
 }

@@ -1,4 +1,5 @@
-//! The pooled upstream client (rustls, HTTP/2 via ALPN and HTTP/1.1) and where a request is sent.
+//! The pooled upstream client (rustls, HTTP/2 via ALPN and HTTP/1.1) and where a request is sent:
+//! the client's path under `/v1`, checked, joined to `base_url`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
+use crate::error::ProxyError;
 use crate::intake::Upload;
 
 /// The client every attempt goes through; cheap to clone, shares one connection pool.
@@ -101,6 +103,19 @@ pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
 
 pub use crate::config::BaseUrl;
 
+/// `/v1/chat/completions` -> `/chat/completions`; anything outside `/v1` is unknown here.
+pub fn api_path(path: &str) -> Result<&str, ProxyError> {
+    let rest = match path.strip_prefix("/v1") {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => return Err(ProxyError::UnknownPath),
+    };
+    if check_path(rest) {
+        Ok(rest)
+    } else {
+        Err(ProxyError::BadPath)
+    }
+}
+
 /// Rejects client paths that could leave `base_url`: dot segments, encoded slashes or dots, and
 /// backslashes, in any spelling.
 pub fn check_path(rest: &str) -> bool {
@@ -121,6 +136,33 @@ pub fn check_path(rest: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joins_under_the_base_path() {
+        let base = BaseUrl::parse("https://openrouter.ai/api/v1/").unwrap();
+        let uri = base.join("/chat/completions", Some("a=1")).unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "https://openrouter.ai/api/v1/chat/completions?a=1"
+        );
+        let base = BaseUrl::parse("http://127.0.0.1:9").unwrap();
+        assert_eq!(
+            base.join("/models", None).unwrap().to_string(),
+            "http://127.0.0.1:9/models"
+        );
+    }
+
+    #[test]
+    fn api_paths() {
+        assert_eq!(
+            api_path("/v1/chat/completions").unwrap(),
+            "/chat/completions"
+        );
+        assert_eq!(api_path("/v1").unwrap(), "");
+        assert!(matches!(api_path("/v2/x"), Err(ProxyError::UnknownPath)));
+        assert!(matches!(api_path("/v1x"), Err(ProxyError::UnknownPath)));
+        assert!(matches!(api_path("/v1/../admin"), Err(ProxyError::BadPath)));
+    }
 
     #[test]
     fn rejects_escaping_paths() {

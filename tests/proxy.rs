@@ -109,6 +109,7 @@ async fn injects_the_key_and_edits_headers() {
         "headers named in Connection are hop-by-hop"
     );
     assert!(sent.header("x-request-id").is_some());
+    assert_eq!(sent.header("accept-encoding"), Some("identity"));
 }
 
 #[tokio::test]

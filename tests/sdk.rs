@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 
 use support::*;
 
@@ -20,22 +19,6 @@ match = { model = "fast" }
 model = "openai/gpt-4o-mini"
 "#;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    let path = std::env::var_os("OPENAI_SDK_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/sdk-venv/bin/python"));
-    assert!(
-        path.exists(),
-        "no Python with the openai package at {}: run scripts/test (or set OPENAI_SDK_PYTHON)",
-        path.display()
-    );
-    path
-}
-
 fn node_modules() -> PathBuf {
     let path = std::env::var_os("OPENAI_NODE_MODULES")
         .map(PathBuf::from)
@@ -46,27 +29,6 @@ fn node_modules() -> PathBuf {
         path.display()
     );
     path
-}
-
-async fn run_client(mut command: tokio::process::Command, proxy: &TestProxy) {
-    let output = tokio::time::timeout(
-        PATIENCE * 3,
-        command
-            .env("OPENAI_BASE_URL", proxy.url("/v1"))
-            .env_remove("OPENAI_API_KEY")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the SDK client did not finish in time")
-    .expect("could not start the SDK client");
-    assert!(
-        output.status.success(),
-        "SDK client failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
-//! Test support: a scripted mock upstream on 127.0.0.1:0, the real proxy booted in-process on port
-//! 0 against it, and a small HTTP client.
+//! Test support: a scripted mock upstream on 127.0.0.1:0 (speaking every API shape, see `shapes`),
+//! the real proxy booted in-process on port 0 against it, a small HTTP client, and the official
+//! SDKs' clients run against the proxy.
 #![allow(
     dead_code,
     reason = "each test binary uses a different part of this module"
@@ -31,6 +32,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify};
+
+mod shapes;
+pub use shapes::*;
 
 /// Generous bound for waits that succeed in milliseconds unless something is broken; it only
 /// turns a hang into a failure.
@@ -98,6 +102,8 @@ pub enum Reply {
     Headers(Vec<(&'static str, &'static str)>, Box<Reply>),
     /// Another reply, sent once the test fires the signal.
     Gated(oneshot::Receiver<()>, Box<Reply>),
+    /// Any status, headers and body bytes, exactly as given (a compressed body, an empty one).
+    Raw(u16, Vec<(&'static str, &'static str)>, Bytes),
 }
 
 type Handler = dyn Fn(&Recorded) -> Reply + Send + Sync;
@@ -230,6 +236,14 @@ fn render(
                 let _ = gate.await;
                 return render(*reply).await;
             }
+            Reply::Raw(status, headers, body) => {
+                let mut response = Response::new(MockBody::Full(Some(body)));
+                *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                for (name, value) in headers {
+                    response.headers_mut().insert(name, value.parse().unwrap());
+                }
+                response
+            }
             Reply::Headers(headers, reply) => {
                 let mut response = render(*reply).await?;
                 for (name, value) in headers {
@@ -340,7 +354,7 @@ pub fn chat_completion(model: &str, content: &str) -> String {
 }
 
 /// OpenRouter-like answers: chat (JSON or SSE, with a processing comment and a usage chunk when
-/// asked), completions, embeddings and the model list.
+/// asked), completions, embeddings, the model list, Anthropic Messages and the Responses API.
 pub fn openai_like_reply(request: &Recorded) -> Reply {
     let path = request.path_and_query.split('?').next().unwrap_or("");
     let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
@@ -392,7 +406,9 @@ pub fn openai_like_reply(request: &Recorded) -> Reply {
             })
             .to_string(),
         ),
-        _ => Reply::Json(404, r#"{"error":{"message":"no such path","code":404}}"#.to_owned()),
+        _ => shape_reply(request).unwrap_or_else(|| {
+            Reply::Json(404, r#"{"error":{"message":"no such path","code":404}}"#.to_owned())
+        }),
     }
 }
 
@@ -966,4 +982,48 @@ pub async fn wait_not_ready(admin: &str) {
     })
     .await;
     assert!(turned.is_ok(), "readiness never turned 503");
+}
+
+/// The repository root.
+pub fn root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python with the official SDKs (`scripts/test` installs them in `target/sdk-venv`).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("OPENAI_SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/sdk-venv/bin/python"));
+    assert!(
+        path.exists(),
+        "no Python with the openai and anthropic packages at {}: run scripts/test (or set OPENAI_SDK_PYTHON)",
+        path.display()
+    );
+    path
+}
+
+/// Runs an SDK client against `proxy` (its SDK's base URL variable pointing at it, no key of the
+/// environment's) and fails the test with the client's output unless it exits successfully.
+pub async fn run_client(mut command: tokio::process::Command, proxy: &TestProxy) {
+    let output = tokio::time::timeout(
+        PATIENCE * 3,
+        command
+            .env("OPENAI_BASE_URL", proxy.url("/v1"))
+            .env("ANTHROPIC_BASE_URL", proxy.url(""))
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_AUTH_TOKEN")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the SDK client did not finish in time")
+    .expect("could not start the SDK client");
+    assert!(
+        output.status.success(),
+        "SDK client failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
