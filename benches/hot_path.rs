@@ -16,9 +16,9 @@ use bytes::Bytes;
 use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
 use http::{HeaderMap, HeaderValue};
-use openrouter_proxy::body::JsonBody;
+use openrouter_proxy::pipeline::body::JsonBody;
 use openrouter_proxy::cache::CacheKey;
-use openrouter_proxy::router::{RequestFacts, Router};
+use openrouter_proxy::runtime::router::{RequestFacts, Router};
 use openrouter_proxy::sse::Scanner;
 use openrouter_proxy::Config;
 

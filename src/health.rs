@@ -61,7 +61,7 @@ impl Health {
         if let Some(state) = models.remove(model) {
             if state.cooling_until.is_some() {
                 tracing::info!(model, "model answered again: cool-down over");
-                crate::metrics::cooldown(model, false);
+                crate::record::metrics::cooldown(model, false);
             }
         }
     }
@@ -78,7 +78,7 @@ impl Health {
         let failed_probe = state.probe_since.take().is_some();
         if failed_probe || state.failures >= policy.failures {
             if state.cooling_until.is_none() {
-                crate::metrics::cooldown(model, true);
+                crate::record::metrics::cooldown(model, true);
             }
             state.cooling_until = Some(now + policy.cooldown);
             tracing::warn!(model, failures = state.failures, cooldown = ?policy.cooldown, "model cooling down");

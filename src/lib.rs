@@ -3,23 +3,15 @@
 //! reloaded live) run the whole proxy on listeners the caller has bound, so tests boot the real
 //! server in-process on port 0.
 
-pub mod admin;
-pub mod attempt;
 pub mod auth;
-pub mod body;
 pub mod cache;
 pub mod config;
-mod connection;
 pub mod error;
 pub mod health;
-pub mod intake;
 pub mod limits;
-pub mod metrics;
-pub mod proxy;
+pub mod pipeline;
 pub mod record;
-pub mod relay;
-pub mod reload;
-pub mod router;
+pub mod runtime;
 pub mod server;
 pub mod shape;
 pub mod sse;
@@ -30,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use config::Config;
-pub use reload::{LiveConfig, ReloadTrigger};
+pub use runtime::{LiveConfig, ReloadTrigger};
 pub use server::Listeners;
 
 /// Serves `config` on `listeners` until `shutdown` resolves, then drains gracefully and returns.
@@ -41,8 +33,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     init_metrics();
-    let runtime = reload::Runtime::build(config, None)?;
-    let shared = Arc::new(proxy::Shared::new(runtime));
+    let runtime = runtime::Runtime::build(config, None)?;
+    let shared = Arc::new(pipeline::Shared::new(runtime));
     server::run(shared, Arc::default(), listeners, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))
@@ -68,12 +60,12 @@ pub async fn serve_live(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     init_metrics();
-    let log = Arc::new(reload::ReloadLog::default());
-    let (runtime, reloader) = reload::start(live, log.clone())?;
-    let shared = Arc::new(proxy::Shared::new(runtime));
+    let log = Arc::new(runtime::ReloadLog::default());
+    let (runtime, reloader) = runtime::reload::start(live, log.clone())?;
+    let shared = Arc::new(pipeline::Shared::new(runtime));
     // Dropping `stop` (also when this future is dropped mid-way) ends the reloader.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let reloading = tokio::spawn(reloader.run(shared.clone(), stopped));
+    let reloading = tokio::spawn(reloader.run(shared.runtime.clone(), stopped));
     let served = server::run(shared, log, listeners, shutdown).await;
     let _ = stop.send(true);
     if let Err(error) = reloading.await {
@@ -83,9 +75,9 @@ pub async fn serve_live(
 }
 
 fn init_metrics() {
-    crate::metrics::handle();
-    crate::metrics::describe();
+    crate::record::metrics::handle();
+    crate::record::metrics::describe();
     // Both series exist from the start, so dashboards and `increase()` see the first reload.
-    ::metrics::counter!(crate::metrics::RELOADS, "result" => "ok").increment(0);
-    ::metrics::counter!(crate::metrics::RELOADS, "result" => "error").increment(0);
+    ::metrics::counter!(crate::record::metrics::RELOADS, "result" => "ok").increment(0);
+    ::metrics::counter!(crate::record::metrics::RELOADS, "result" => "error").increment(0);
 }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use crate::intake::Upload;
+use crate::pipeline::intake::Upload;
 
 /// The client every attempt goes through; cheap to clone, shares one connection pool.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, OutBody>;

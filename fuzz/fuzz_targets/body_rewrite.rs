@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use openrouter_proxy::body::JsonBody;
+use openrouter_proxy::pipeline::body::JsonBody;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the new model's length, taken from the end of the input.

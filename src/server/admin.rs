@@ -10,9 +10,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::config::UpstreamAuth;
-use crate::proxy::Shared;
-use crate::relay::ProxyBody;
-use crate::reload::ReloadLog;
+use crate::pipeline::Shared;
+use crate::pipeline::relay::ProxyBody;
+use crate::runtime::reload::ReloadLog;
 
 /// Answers one admin request.
 pub async fn handle(
@@ -32,7 +32,7 @@ pub async fn handle(
         "/config" => config_identity(&shared, &reloads),
         "/metrics" => {
             shared.cache.publish_gauges();
-            let mut response = text(StatusCode::OK, crate::metrics::handle().render());
+            let mut response = text(StatusCode::OK, crate::record::metrics::handle().render());
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

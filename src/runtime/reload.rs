@@ -9,134 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderName, HeaderValue};
+use arc_swap::ArcSwap;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::{Config, ConfigError};
-use crate::proxy::Shared;
-use crate::router::Router;
-use crate::upstream::{BaseUrl, UpstreamClient};
-
-/// Everything a request needs from the config, compiled once per load.
-pub struct Runtime {
-    pub config: Config,
-    pub router: Router,
-    pub base_url: BaseUrl,
-    /// `Bearer <key>`, marked sensitive so it never shows in debug output. `None` when no key is
-    /// configured: requests then fail with 503 and `/readyz` reports it.
-    pub api_key: Option<HeaderValue>,
-    /// Where the key was looked for, for operators (never the key itself).
-    pub api_key_source: String,
-    pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
-    /// Inbound tokens; empty when the proxy is open.
-    pub tokens: crate::auth::Tokens,
-    /// The pooled upstream client. Kept across reloads (with its warm connections) unless a
-    /// setting it was built with changed.
-    pub client: UpstreamClient,
-    /// Which file and version this runtime was built from.
-    pub origin: ConfigOrigin,
-}
-
-/// OpenRouter reads the app's title from `X-OpenRouter-Title`; older deployments send `X-Title`.
-/// Whichever one the config sets is sent under both names.
-const TITLE_HEADERS: [&str; 2] = ["x-title", "x-openrouter-title"];
-
-impl Runtime {
-    /// Compiles `config`. `previous` is the runtime being replaced, whose upstream client is reused
-    /// when the connection settings are unchanged.
-    pub fn build(config: Config, previous: Option<&Runtime>) -> Result<Runtime, String> {
-        let router = Router::compile(&config)?;
-        let base_url = BaseUrl::parse(&config.upstream.base_url)
-            .map_err(|e| format!("upstream.base_url: {e}"))?;
-        let mut upstream_headers = Vec::new();
-        for (name, value) in &config.upstream.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("upstream.headers: \"{name}\" is not a valid header name"))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| format!("upstream.headers.\"{name}\": not a valid header value"))?;
-            upstream_headers.push((name, value));
-        }
-        let title = upstream_headers
-            .iter()
-            .find(|(name, _)| TITLE_HEADERS.contains(&name.as_str()))
-            .cloned();
-        if let Some((_, value)) = title {
-            for alias in TITLE_HEADERS {
-                if !upstream_headers
-                    .iter()
-                    .any(|(name, _)| name.as_str() == alias)
-                {
-                    upstream_headers.push((HeaderName::from_static(alias), value.clone()));
-                }
-            }
-        }
-        let tokens = crate::auth::Tokens::compile(&config)?;
-        let (api_key, api_key_source) = read_api_key(&config);
-        let client = match previous {
-            Some(previous) if same_transport(&previous.config, &config) => previous.client.clone(),
-            _ => crate::upstream::client(&config.upstream)?,
-        };
-        Ok(Runtime {
-            client,
-            config,
-            router,
-            base_url,
-            api_key,
-            api_key_source,
-            upstream_headers,
-            tokens,
-            origin: ConfigOrigin::in_memory(),
-        })
-    }
-
-    pub fn fallback_on_status(&self, status: u16) -> bool {
-        self.config.fallback.on_status.contains(&status)
-    }
-}
-
-fn same_transport(a: &Config, b: &Config) -> bool {
-    a.upstream.connect_timeout == b.upstream.connect_timeout
-        && a.upstream.pool_idle_timeout == b.upstream.pool_idle_timeout
-}
-
-/// Reads the key from `api_key_file` or the environment. A missing key is not a config error: the
-/// proxy starts, reports not-ready, and picks the key up on the next reload.
-fn read_api_key(config: &Config) -> (Option<HeaderValue>, String) {
-    let (key, source) = match &config.upstream.api_key_file {
-        Some(path) => {
-            let source = format!("file {}", path.display());
-            match std::fs::read_to_string(path) {
-                Ok(text) => (Some(text), source),
-                Err(error) => {
-                    tracing::warn!(file = %path.display(), %error, "cannot read the API key file");
-                    (None, source)
-                }
-            }
-        }
-        None => {
-            let name = config.upstream.key_env();
-            (
-                std::env::var(name).ok(),
-                format!("environment variable {name}"),
-            )
-        }
-    };
-    let key = key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());
-    let header = key.and_then(|key| match HeaderValue::from_str(&format!("Bearer {key}")) {
-        Ok(mut value) => {
-            value.set_sensitive(true);
-            Some(value)
-        }
-        Err(_) => {
-            tracing::warn!(source = %source, "the API key contains characters not allowed in a header");
-            None
-        }
-    });
-    (header, source)
-}
+use super::Runtime;
 
 /// Where the running config came from, shown on the admin port's `/config`.
 #[derive(Debug, Clone)]
@@ -152,7 +32,7 @@ pub struct ConfigOrigin {
 }
 
 impl ConfigOrigin {
-    fn in_memory() -> ConfigOrigin {
+    pub(crate) fn in_memory() -> ConfigOrigin {
         ConfigOrigin {
             source: None,
             hash: None,
@@ -215,7 +95,7 @@ impl ReloadLog {
     fn succeeded(&self) {
         self.clear_error();
         self.ok.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::RELOADS, "result" => "ok").increment(1);
+        metrics::counter!(crate::record::metrics::RELOADS, "result" => "ok").increment(1);
     }
 
     fn clear_error(&self) {
@@ -231,7 +111,7 @@ impl ReloadLog {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(reason);
         self.error.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::RELOADS, "result" => "error").increment(1);
+        metrics::counter!(crate::record::metrics::RELOADS, "result" => "error").increment(1);
     }
 }
 
@@ -414,9 +294,9 @@ pub(crate) struct Reloader {
 impl Reloader {
     /// Reloads on file events and triggers until `stop` changes or its sender is dropped. The
     /// file watcher (and its thread) ends with it.
-    pub(crate) async fn run(mut self, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    pub(crate) async fn run(mut self, live: Arc<ArcSwap<Runtime>>, mut stop: watch::Receiver<bool>) {
         // A change between the first read and the watch being set up would otherwise be missed.
-        self.reload(&shared, "start-up check");
+        self.reload(&live, "start-up check");
         let mut listening = self.watcher.is_some();
         let mut burst: Option<(Instant, Instant)> = None;
         loop {
@@ -426,7 +306,7 @@ impl Reloader {
                 _ = stop.changed() => break,
                 () = trigger.notified() => {
                     burst = None;
-                    self.reload(&shared, "reload request");
+                    self.reload(&live, "reload request");
                 }
                 event = self.events.recv(), if listening => match event {
                     Some(Ok(event)) => {
@@ -440,7 +320,7 @@ impl Reloader {
                 },
                 () = sleep_until_due(due) => {
                     burst = None;
-                    self.reload(&shared, "file change");
+                    self.reload(&live, "file change");
                 }
             }
         }
@@ -469,8 +349,8 @@ impl Reloader {
 
     /// One reload attempt: a changed config file is parsed, validated and swapped in; an
     /// unchanged one only has its key re-read. Nothing here runs on the request path.
-    fn reload(&mut self, shared: &Shared, trigger: &'static str) {
-        let running = shared.runtime.load_full();
+    fn reload(&mut self, live: &ArcSwap<Runtime>, trigger: &'static str) {
+        let running = live.load_full();
         match std::fs::read(&self.path) {
             Ok(bytes) => {
                 let hash = content_hash(&bytes);
@@ -481,9 +361,9 @@ impl Reloader {
                     self.log.clear_error();
                 } else if hash != self.attempted {
                     self.attempted = hash.clone();
-                    match self.apply(shared, &running, bytes, hash, trigger) {
+                    match self.apply(live, &running, bytes, hash, trigger) {
                         Ok(()) => {
-                            self.follow(&shared.runtime.load().config);
+                            self.follow(&live.load().config);
                             return;
                         }
                         Err(error) => self.reject(error),
@@ -499,13 +379,13 @@ impl Reloader {
                 }
             }
         }
-        self.refresh_key(shared, &running, trigger);
-        self.follow(&shared.runtime.load().config);
+        self.refresh_key(live, &running, trigger);
+        self.follow(&live.load().config);
     }
 
     fn apply(
         &mut self,
-        shared: &Shared,
+        live: &ArcSwap<Runtime>,
         running: &Runtime,
         bytes: Vec<u8>,
         hash: String,
@@ -538,7 +418,7 @@ impl Reloader {
             restart_pending: kept,
         };
         let routes = runtime.config.routes.len();
-        shared.runtime.store(Arc::new(runtime));
+        live.store(Arc::new(runtime));
         self.key_hash = key_hash;
         self.log.succeeded();
         tracing::info!(file = %self.path.display(), %hash, routes, trigger, "config reloaded");
@@ -551,7 +431,7 @@ impl Reloader {
     }
 
     /// Rebuilds the running config when only its key file changed (a rotated Secret).
-    fn refresh_key(&mut self, shared: &Shared, running: &Runtime, trigger: &'static str) {
+    fn refresh_key(&mut self, live: &ArcSwap<Runtime>, running: &Runtime, trigger: &'static str) {
         let key_hash = key_hash(&running.config);
         if key_hash == self.key_hash {
             tracing::debug!(trigger, "config and key file unchanged; nothing to reload");
@@ -565,7 +445,7 @@ impl Reloader {
                 };
                 let present = runtime.api_key.is_some();
                 let source = runtime.api_key_source.clone();
-                shared.runtime.store(Arc::new(runtime));
+                live.store(Arc::new(runtime));
                 self.key_hash = key_hash;
                 self.log.succeeded();
                 tracing::info!(%source, present, trigger, "API key re-read");

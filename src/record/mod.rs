@@ -1,10 +1,12 @@
 //! One record per request, written once when the answer ends, fails or is abandoned: the
 //! request's metrics and its access-log line. Never a key, a header value or message content.
 
+pub mod metrics;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::reload::Runtime;
+use crate::runtime::Runtime;
 use crate::sse::Usage;
 
 /// How a request ended, as far as the proxy can tell.
@@ -55,13 +57,13 @@ impl RequestRecord {
         method: http::Method,
         path: String,
     ) -> RequestRecord {
-        crate::metrics::request_started();
+        crate::record::metrics::request_started();
         RequestRecord {
             started: Instant::now(),
             request_id,
             method,
             path,
-            route: Arc::from(crate::router::DEFAULT_ROUTE),
+            route: Arc::from(crate::runtime::router::DEFAULT_ROUTE),
             caller: None,
             requested_model: None,
             served_model: None,
@@ -125,12 +127,12 @@ impl Drop for RequestRecord {
             .as_deref()
             .or(self.requested_model.as_deref())
             .unwrap_or("");
-        let label = crate::metrics::model_label(&self.runtime.config, model);
-        crate::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
+        let label = crate::record::metrics::model_label(&self.runtime.config, model);
+        crate::record::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
         // A cache hit consumed nothing upstream: its replayed body carries the original usage,
         // which was counted when that answer was first served.
         if let Some(usage) = &self.usage {
-            crate::metrics::usage(&label, usage);
+            crate::record::metrics::usage(&label, usage);
         }
         let cache = match self.cache {
             Some("HIT") => Some("hit"),
@@ -139,11 +141,11 @@ impl Drop for RequestRecord {
             _ => None,
         };
         if let Some(result) = cache {
-            crate::metrics::cache_result(&self.route, result);
+            crate::record::metrics::cache_result(&self.route, result);
         }
         let overhead = self.overhead();
         if let Some(overhead) = overhead {
-            crate::metrics::overhead(&self.route, overhead);
+            crate::record::metrics::overhead(&self.route, overhead);
         }
         // Never the key, headers or bodies: only what routing and accounting decided.
         tracing::info!(

@@ -1,5 +1,10 @@
 //! The request pipeline: check the path and the caller, read the body once, route, apply limits,
-//! answer from the cache or send the attempts (see `attempt`), and hand the answer back.
+//! answer from the cache or send the attempts (see `attempts`), and hand the answer back.
+
+pub mod attempts;
+pub mod body;
+pub mod intake;
+pub mod relay;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,26 +17,26 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::attempt::{run_chain, Outbound};
-use crate::body::{BodyError, JsonBody};
+use crate::pipeline::attempts::{run_chain, Outbound};
+use crate::pipeline::body::{BodyError, JsonBody};
 use crate::cache::{
     CacheKey, CachedAnswer, Directive, Fill, FillGuard, ResponseCache, StreamRecorder,
 };
 use crate::config::UpstreamAuth;
 use crate::error::ProxyError;
 use crate::health::Health;
-use crate::intake::{BodyLimits, Upload};
+use crate::pipeline::intake::{BodyLimits, Upload};
 use crate::limits::{Limits, Permit, Rejection};
 use crate::record::RequestRecord;
-use crate::relay::ProxyBody;
-use crate::reload::Runtime;
-use crate::router::{RequestFacts, Route};
+use crate::pipeline::relay::ProxyBody;
+use crate::runtime::Runtime;
+use crate::runtime::router::{RequestFacts, Route};
 use crate::shape::Shape;
 
 /// State shared by every request: the live runtime (swapped whole on reload), model health
 /// (which outlives reloads) and the drain flag.
 pub struct Shared {
-    pub runtime: ArcSwap<Runtime>,
+    pub runtime: Arc<ArcSwap<Runtime>>,
     pub health: Health,
     pub limits: Limits,
     /// Sized at start-up from `[cache]`; entries outlive reloads.
@@ -51,7 +56,7 @@ impl Shared {
             runtime.config.cache.max_entry_bytes,
         ));
         Shared {
-            runtime: ArcSwap::from_pointee(runtime),
+            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             health: Health::default(),
             limits: Limits::default(),
             cache,
@@ -184,7 +189,7 @@ impl InboundBody {
                 model,
             });
         }
-        let bytes = crate::intake::read_whole(&parts.headers, body, limits).await?;
+        let bytes = crate::pipeline::intake::read_whole(&parts.headers, body, limits).await?;
         let json = parse_json(&parts.method, rest, &parts.headers, bytes.clone())?;
         Ok(InboundBody::Whole { bytes, json })
     }
@@ -350,7 +355,7 @@ async fn send_upload(
     if let (Some(Some(to)), Some(from), Some(boundary)) = (
         first.first(),
         requested,
-        crate::intake::form_boundary(&target.parts.headers),
+        crate::pipeline::intake::form_boundary(&target.parts.headers),
     ) {
         if !upload.rewrite_model(&boundary, from, to) {
             tracing::debug!(request_id = %record.request_id, "the form's model field was not found in its leading bytes; sent as it is");
@@ -467,7 +472,7 @@ async fn lookup(
             match shared.cache.join_or_fill(key) {
                 Fill::Lead(guard) => fill = Some(guard),
                 Fill::Wait(mut receiver) => {
-                    crate::metrics::cache_coalesced();
+                    crate::record::metrics::cache_coalesced();
                     if let Some(answer) = Fill::wait(&mut receiver).await {
                         return Lookup::Waited(answer);
                     }

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use super::{Continuation, Failure, Outbound, Reason};
 use crate::config::Midstream;
 use crate::record::RequestRecord;
-use crate::relay::{ProxyBody, Relay};
+use crate::pipeline::relay::{ProxyBody, Relay};
 use crate::shape::Shape;
 use crate::sse::{Event, Scanner, WINDOW};
 

@@ -212,7 +212,7 @@ impl ResponseCache {
                     RemovalCause::Expired => "expired",
                     RemovalCause::Explicit | RemovalCause::Replaced => return,
                 };
-                crate::metrics::cache_eviction(cause);
+                crate::record::metrics::cache_eviction(cause);
             })
             .build();
         ResponseCache {
@@ -252,7 +252,7 @@ impl ResponseCache {
     /// Publishes entry count and stored bytes (moka updates them lazily; this runs its upkeep).
     pub fn publish_gauges(&self) {
         self.entries.run_pending_tasks();
-        crate::metrics::cache_size(self.entries.entry_count(), self.entries.weighted_size());
+        crate::record::metrics::cache_size(self.entries.entry_count(), self.entries.weighted_size());
     }
 }
 

@@ -10,10 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+pub mod admin;
+mod connection;
+
 use crate::config::ServerConfig;
-use crate::connection::{ConnPolicy, Pressure};
-use crate::proxy::Shared;
-use crate::reload::ReloadLog;
+use crate::server::connection::{ConnPolicy, Pressure};
+use crate::pipeline::Shared;
+use crate::runtime::reload::ReloadLog;
 
 /// The two bound sockets the proxy serves on. Binding is the caller's job, so tests can use port 0.
 pub struct Listeners {
@@ -40,7 +43,7 @@ pub async fn run(
     let (_admin_drain, admin_drain) = watch::channel(false);
     let admin = {
         let (shared, reloads) = (shared.clone(), reloads);
-        let handle = move |request| crate::admin::handle(shared.clone(), reloads.clone(), request);
+        let handle = move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
         let listener = Accept {
             name: "admin",
             max_connections: settings.admin_max_connections,
@@ -56,7 +59,7 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(false);
     let api = {
         let shared = shared.clone();
-        let handle = move |request| crate::proxy::handle(shared.clone(), request);
+        let handle = move |request| crate::pipeline::handle(shared.clone(), request);
         let listener = Accept {
             name: "api",
             max_connections: settings.max_connections,
@@ -116,7 +119,7 @@ fn policy(settings: &ServerConfig, drain: watch::Receiver<bool>) -> ConnPolicy {
 fn builder(
     settings: &ServerConfig,
 ) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
-    crate::connection::builder(
+    crate::server::connection::builder(
         settings.header_read_timeout,
         settings.max_header_bytes,
         settings.max_headers,
@@ -185,7 +188,7 @@ impl Accept {
             };
             let _ = stream.set_nodelay(true);
             while connections.try_join_next().is_some() {}
-            let served = crate::connection::serve(
+            let served = crate::server::connection::serve(
                 stream,
                 self.builder.clone(),
                 self.policy.clone(),

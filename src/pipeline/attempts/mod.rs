@@ -15,15 +15,15 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::JsonBody;
+use crate::pipeline::body::JsonBody;
 use crate::error::{AttemptNote, ProxyError};
 use crate::health::Policy;
-use crate::intake::Upload;
-use crate::proxy::{strip_hop_by_hop, Shared, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
+use crate::pipeline::intake::Upload;
+use crate::pipeline::{strip_hop_by_hop, Shared, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
 use crate::record::RequestRecord;
-use crate::relay::{ProxyBody, Resume, ResumeFuture};
-use crate::reload::Runtime;
-use crate::router::Route;
+use crate::pipeline::relay::{ProxyBody, Resume, ResumeFuture};
+use crate::runtime::Runtime;
+use crate::runtime::router::Route;
 use crate::shape::Shape;
 use crate::upstream::{OutBody, UpstreamClient};
 
@@ -101,7 +101,7 @@ pub(crate) async fn run_chain(
             index += 1;
             if let Some(next) = chain.get(index) {
                 let next = next.or(requested_model).unwrap_or("");
-                crate::metrics::fallback(&runtime.config, label, next, "cooldown");
+                crate::record::metrics::fallback(&runtime.config, label, next, "cooldown");
             }
             continue;
         }
@@ -110,7 +110,7 @@ pub(crate) async fn run_chain(
         let started = Instant::now();
         match attempt(outbound, chain[index], model, started, record).await {
             Ok(mut response) => {
-                crate::metrics::upstream_attempt(&runtime.config, label, "answered");
+                crate::record::metrics::upstream_attempt(&runtime.config, label, "answered");
                 shared.health.record_success(label);
                 record.served_model = model.map(str::to_owned);
                 if let Some(model) = model.and_then(|m| HeaderValue::from_str(m).ok()) {
@@ -122,7 +122,7 @@ pub(crate) async fn run_chain(
                 return Ok(response);
             }
             Err(failure) => {
-                crate::metrics::upstream_attempt(&runtime.config, label, failure.reason.label());
+                crate::record::metrics::upstream_attempt(&runtime.config, label, failure.reason.label());
                 shared.health.record_failure(label, Instant::now(), policy);
                 tracing::warn!(
                     request_id = %record.request_id,
@@ -150,7 +150,7 @@ pub(crate) async fn run_chain(
                 index += 1;
                 if let Some(next) = chain.get(index).filter(|_| tried < max_attempts) {
                     let next = next.or(requested_model).unwrap_or("");
-                    crate::metrics::fallback(&runtime.config, label, next, failure.reason.label());
+                    crate::record::metrics::fallback(&runtime.config, label, next, failure.reason.label());
                 }
                 last_failure = Some(failure);
             }
