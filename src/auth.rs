@@ -8,7 +8,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{validate_tokens, Config, ConfigError, KeyPath, TokenConfig, TokenFile};
 use crate::error::ProxyError;
-use crate::runtime::router::Pattern;
+use crate::pattern::Pattern;
 
 /// A compiled inbound token.
 #[derive(Debug)]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod limits;
+pub mod pattern;
 pub mod pipeline;
 pub mod record;
 pub mod runtime;

@@ -15,16 +15,20 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
-use crate::pipeline::intake::Upload;
 
 /// The client every attempt goes through; cheap to clone, shares one connection pool.
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, OutBody>;
+
+/// A body streamed to the upstream as it arrives.
+pub type StreamedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What an upstream request carries: a body read whole (which a fallback can send again), or an
 /// upload streamed through as the client sends it.
 pub enum OutBody {
     Full(Option<Bytes>),
-    Upload(Box<Upload>),
+    Stream(StreamedBody),
 }
 
 impl From<Bytes> for OutBody {
@@ -35,7 +39,7 @@ impl From<Bytes> for OutBody {
 
 impl Body for OutBody {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -43,14 +47,14 @@ impl Body for OutBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             OutBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            OutBody::Upload(upload) => Pin::new(upload.as_mut()).poll_frame(cx),
+            OutBody::Stream(body) => body.as_mut().poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             OutBody::Full(bytes) => bytes.is_none(),
-            OutBody::Upload(upload) => upload.is_end_stream(),
+            OutBody::Stream(body) => body.is_end_stream(),
         }
     }
 
@@ -58,7 +62,7 @@ impl Body for OutBody {
         match self {
             OutBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             OutBody::Full(None) => SizeHint::with_exact(0),
-            OutBody::Upload(upload) => upload.size_hint(),
+            OutBody::Stream(body) => body.size_hint(),
         }
     }
 }

@@ -15,6 +15,9 @@ pub use base_url::BaseUrl;
 pub use error::{ConfigError, Invalid, KeyPath};
 pub use validate::validate_tokens;
 
+/// The route name reported for requests that no rule matched.
+pub const DEFAULT_ROUTE: &str = "default";
+
 /// The whole `proxy.toml`, validated.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]

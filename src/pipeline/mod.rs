@@ -94,7 +94,7 @@ pub async fn handle(
     let runtime = shared.runtime.load_full();
     let request_id = shared.request_id(request.headers());
     let mut record = Box::new(RequestRecord::new(
-        runtime.clone(),
+        runtime.config.clone(),
         request_id,
         request.method().clone(),
         request.uri().path().to_owned(),

@@ -6,7 +6,7 @@ pub mod metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::runtime::Runtime;
+use crate::config::Config;
 use crate::sse::Usage;
 
 /// How a request ended, as far as the proxy can tell.
@@ -42,7 +42,7 @@ pub struct RequestRecord {
     /// request's upstream time, not the proxy's overhead.
     pub coalesced: bool,
     /// The config the request runs on; it decides which model names are label values.
-    runtime: Arc<Runtime>,
+    config: Arc<Config>,
     /// From arrival until the first upstream request was sent.
     dispatched: Option<Duration>,
     first_byte: Option<Duration>,
@@ -52,7 +52,7 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn new(
-        runtime: Arc<Runtime>,
+        config: Arc<Config>,
         request_id: String,
         method: http::Method,
         path: String,
@@ -63,7 +63,7 @@ impl RequestRecord {
             request_id,
             method,
             path,
-            route: Arc::from(crate::runtime::router::DEFAULT_ROUTE),
+            route: Arc::from(crate::config::DEFAULT_ROUTE),
             caller: None,
             requested_model: None,
             served_model: None,
@@ -74,7 +74,7 @@ impl RequestRecord {
             stream_error: None,
             cache: None,
             coalesced: false,
-            runtime,
+            config,
             dispatched: None,
             first_byte: None,
             bytes: 0,
@@ -127,7 +127,7 @@ impl Drop for RequestRecord {
             .as_deref()
             .or(self.requested_model.as_deref())
             .unwrap_or("");
-        let label = crate::record::metrics::model_label(&self.runtime.config, model);
+        let label = crate::record::metrics::model_label(&self.config, model);
         crate::record::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
         // A cache hit consumed nothing upstream: its replayed body carries the original usage,
         // which was counted when that answer was first served.

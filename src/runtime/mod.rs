@@ -5,6 +5,8 @@
 pub mod reload;
 pub mod router;
 
+use std::sync::Arc;
+
 use http::{HeaderName, HeaderValue};
 
 use crate::config::Config;
@@ -15,7 +17,7 @@ pub use reload::{ConfigOrigin, LiveConfig, ReloadLog, ReloadTrigger};
 
 /// Everything a request needs from the config, compiled once per load.
 pub struct Runtime {
-    pub config: Config,
+    pub config: Arc<Config>,
     pub router: Router,
     pub base_url: BaseUrl,
     /// `Bearer <key>`, marked sensitive so it never shows in debug output. `None` when no key is
@@ -74,7 +76,7 @@ impl Runtime {
         };
         Ok(Runtime {
             client,
-            config,
+            config: Arc::new(config),
             router,
             base_url,
             api_key,

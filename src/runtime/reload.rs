@@ -437,7 +437,7 @@ impl Reloader {
             tracing::debug!(trigger, "config and key file unchanged; nothing to reload");
             return;
         }
-        match Runtime::build(running.config.clone(), Some(running)) {
+        match Runtime::build(Config::clone(&running.config), Some(running)) {
             Ok(mut runtime) => {
                 runtime.origin = ConfigOrigin {
                     loaded_at: SystemTime::now(),

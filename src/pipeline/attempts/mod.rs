@@ -49,7 +49,7 @@ impl Outbound<'_> {
     fn body_for(&self, model: Option<&str>) -> OutBody {
         let upload = self.upload.lock().ok().and_then(|mut slot| slot.take());
         if let Some(upload) = upload {
-            return OutBody::Upload(upload);
+            return OutBody::Stream(Box::pin(*upload));
         }
         match (model, &self.json) {
             (Some(model), Some(json)) => json.with_model(model).into(),
