@@ -16,8 +16,8 @@ use bytes::Bytes;
 use divan::counter::BytesCount;
 use divan::{black_box, Bencher};
 use http::{HeaderMap, HeaderValue};
-use openrouter_proxy::pipeline::body::JsonBody;
 use openrouter_proxy::cache::CacheKey;
+use openrouter_proxy::pipeline::body::JsonBody;
 use openrouter_proxy::runtime::router::{RequestFacts, Router};
 use openrouter_proxy::sse::Scanner;
 use openrouter_proxy::Config;
@@ -49,7 +49,8 @@ static ROUTER: LazyLock<Router> = LazyLock::new(|| {
         .unwrap();
     }
     let config = Config::parse(&text).unwrap();
-    Router::compile(&config).unwrap()
+    let upstreams = openrouter_proxy::runtime::upstreams::Upstreams::build(&config, None).unwrap();
+    Router::compile(&config, &upstreams)
 });
 
 static HEADERS: LazyLock<HeaderMap> = LazyLock::new(|| {

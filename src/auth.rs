@@ -61,7 +61,7 @@ impl Token {
 
 /// The configured tokens; empty means the proxy is open (the sidecar shape, on loopback).
 #[derive(Debug, Default)]
-pub struct Tokens(Vec<Token>);
+pub struct Tokens(Vec<Arc<Token>>);
 
 impl Tokens {
     /// Compiles `[[server.tokens]]` plus the entries of `server.token_file`.
@@ -78,7 +78,7 @@ impl Tokens {
         })?;
         entries
             .iter()
-            .map(Token::compile)
+            .map(|entry| Token::compile(entry).map(Arc::new))
             .collect::<Result<_, _>>()
             .map(Tokens)
     }
@@ -89,7 +89,7 @@ impl Tokens {
 
     /// The caller's token from `Authorization: Bearer <token>`. `Ok(None)` when no tokens are
     /// configured. Every configured hash is compared, in constant time, whatever matches.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Token>, ProxyError> {
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<Arc<Token>>, ProxyError> {
         if self.0.is_empty() {
             return Ok(None);
         }
@@ -110,7 +110,12 @@ impl Tokens {
                 found = Some(token);
             }
         }
-        found.map(Some).ok_or(ProxyError::Unauthorized)
+        found.cloned().map(Some).ok_or(ProxyError::Unauthorized)
+    }
+
+    /// The token named `name` (a batch line runs as the token that submitted it).
+    pub fn named(&self, name: &str) -> Option<Arc<Token>> {
+        self.0.iter().find(|token| &*token.name == name).cloned()
     }
 }
 

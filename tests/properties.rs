@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use openrouter_proxy::pipeline::body::JsonBody;
 use openrouter_proxy::config::{LogFormat, Midstream};
+use openrouter_proxy::pipeline::body::JsonBody;
 use openrouter_proxy::sse::{Event, Scanner, Usage};
 use openrouter_proxy::upstream::{check_path, BaseUrl};
 use openrouter_proxy::Config;

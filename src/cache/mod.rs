@@ -252,7 +252,10 @@ impl ResponseCache {
     /// Publishes entry count and stored bytes (moka updates them lazily; this runs its upkeep).
     pub fn publish_gauges(&self) {
         self.entries.run_pending_tasks();
-        crate::record::metrics::cache_size(self.entries.entry_count(), self.entries.weighted_size());
+        crate::record::metrics::cache_size(
+            self.entries.entry_count(),
+            self.entries.weighted_size(),
+        );
     }
 }
 

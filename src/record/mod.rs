@@ -1,7 +1,9 @@
-//! One record per request, written once when the answer ends, fails or is abandoned: the
-//! request's metrics and its access-log line. Never a key, a header value or message content.
+//! One record per request, filled in as the request goes and written once, when the answer
+//! ends, fails or is abandoned, by one sink (see `sink`): the request's metrics and its
+//! access-log line. Never a key, a header value or message content.
 
 pub mod metrics;
+mod sink;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,11 +38,12 @@ pub struct RequestRecord {
     pub error: Option<&'static str>,
     pub usage: Option<Usage>,
     pub stream_error: Option<String>,
-    /// `HIT`, `MISS` or `BYPASS` where the route caches.
-    pub cache: Option<&'static str>,
+    /// Where the route caches: how the cache answered.
+    pub cache: Option<CacheResult>,
     /// A cache hit that waited for an identical request's upstream answer: its time is that
     /// request's upstream time, not the proxy's overhead.
     pub coalesced: bool,
+
     /// The config the request runs on; it decides which model names are label values.
     config: Arc<Config>,
     /// From arrival until the first upstream request was sent.
@@ -48,6 +51,55 @@ pub struct RequestRecord {
     first_byte: Option<Duration>,
     bytes: u64,
     pub(crate) outcome: Outcome,
+    /// Upstream attempts and moves along the chain, in order.
+    events: Vec<AttemptEvent>,
+}
+
+/// How the cache answered a request on a caching route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    /// The client asked the cache to stay out (`Cache-Control: no-store`), or the body has no
+    /// canonical form.
+    Bypass,
+}
+
+impl CacheResult {
+    /// The `x-cache` header value.
+    pub fn header(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "HIT",
+            CacheResult::Miss => "MISS",
+            CacheResult::Bypass => "BYPASS",
+        }
+    }
+
+    /// The metric label and access-log value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Bypass => "bypass",
+        }
+    }
+}
+
+/// Something that happened on the way along a request's attempts.
+#[derive(Debug)]
+enum AttemptEvent {
+    Answered {
+        model: String,
+    },
+    Failed {
+        model: String,
+        reason: &'static str,
+    },
+    Fallback {
+        from: String,
+        to: String,
+        reason: &'static str,
+    },
 }
 
 impl RequestRecord {
@@ -79,7 +131,38 @@ impl RequestRecord {
             first_byte: None,
             bytes: 0,
             outcome: Outcome::Pending,
+            events: Vec::new(),
         }
+    }
+
+    /// The request waits for an identical request in flight; counted at once, so that waiting
+    /// requests show while they wait.
+    pub fn waits_for_fill(&mut self) {
+        metrics::cache_coalesced();
+    }
+
+    /// An attempt on `model` answered.
+    pub fn attempt_answered(&mut self, model: &str) {
+        self.events.push(AttemptEvent::Answered {
+            model: model.to_owned(),
+        });
+    }
+
+    /// An attempt on `model` failed for `reason` (a low-cardinality label).
+    pub fn attempt_failed(&mut self, model: &str, reason: &'static str) {
+        self.events.push(AttemptEvent::Failed {
+            model: model.to_owned(),
+            reason,
+        });
+    }
+
+    /// The chain moved on from `from` to `to` for `reason`.
+    pub fn fallback(&mut self, from: &str, to: &str, reason: &'static str) {
+        self.events.push(AttemptEvent::Fallback {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            reason,
+        });
     }
 
     /// Called just before an upstream request is sent; the first call ends the proxy's own share
@@ -95,84 +178,5 @@ impl RequestRecord {
             self.first_byte = Some(self.started.elapsed());
         }
         self.bytes += len as u64;
-    }
-
-    /// The proxy's own share of the request's time: until the first upstream request went out,
-    /// or, for an answer from the cache, until it started going out. Requests that never reached
-    /// either point (refused, or abandoned before) have none.
-    fn overhead(&self) -> Option<Duration> {
-        match self.cache {
-            Some("HIT") if self.coalesced => None,
-            Some("HIT") => self.first_byte,
-            _ => self.dispatched,
-        }
-    }
-}
-
-impl Drop for RequestRecord {
-    fn drop(&mut self) {
-        let duration = self.started.elapsed();
-        // 499: the client closed the connection before the answer was complete (nginx's convention).
-        let status = match self.outcome {
-            Outcome::Pending => 499,
-            _ => self.status,
-        };
-        let outcome = match self.outcome {
-            Outcome::Pending => "client_closed",
-            Outcome::Complete => "complete",
-            Outcome::UpstreamFailed => "upstream_failed",
-        };
-        let model = self
-            .served_model
-            .as_deref()
-            .or(self.requested_model.as_deref())
-            .unwrap_or("");
-        let label = crate::record::metrics::model_label(&self.config, model);
-        crate::record::metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
-        // A cache hit consumed nothing upstream: its replayed body carries the original usage,
-        // which was counted when that answer was first served.
-        if let Some(usage) = &self.usage {
-            crate::record::metrics::usage(&label, usage);
-        }
-        let cache = match self.cache {
-            Some("HIT") => Some("hit"),
-            Some("MISS") => Some("miss"),
-            Some("BYPASS") => Some("bypass"),
-            _ => None,
-        };
-        if let Some(result) = cache {
-            crate::record::metrics::cache_result(&self.route, result);
-        }
-        let overhead = self.overhead();
-        if let Some(overhead) = overhead {
-            crate::record::metrics::overhead(&self.route, overhead);
-        }
-        // Never the key, headers or bodies: only what routing and accounting decided.
-        tracing::info!(
-            target: "access",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            route = %self.route,
-            caller = self.caller.as_deref().unwrap_or(""),
-            requested_model = self.requested_model.as_deref().unwrap_or(""),
-            served_model = self.served_model.as_deref().unwrap_or(""),
-            attempts = self.attempts,
-            status,
-            response_status = self.status,
-            outcome,
-            error = self.error.unwrap_or(""),
-            stream_error = self.stream_error.as_deref().unwrap_or(""),
-            ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            overhead_ms = overhead.map(|d| d.as_secs_f64() * 1000.0),
-            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
-            completion_tokens = self.usage.map(|u| u.completion_tokens),
-            cost_usd = self.usage.and_then(|u| u.cost),
-            cache = self.cache.unwrap_or(""),
-            coalesced = self.coalesced,
-            bytes = self.bytes,
-            "request"
-        );
     }
 }

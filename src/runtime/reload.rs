@@ -15,8 +15,8 @@ use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
-use crate::config::{Config, ConfigError};
 use super::Runtime;
+use crate::config::{Config, ConfigError};
 
 /// Where the running config came from, shown on the admin port's `/config`.
 #[derive(Debug, Clone)]
@@ -294,7 +294,11 @@ pub(crate) struct Reloader {
 impl Reloader {
     /// Reloads on file events and triggers until `stop` changes or its sender is dropped. The
     /// file watcher (and its thread) ends with it.
-    pub(crate) async fn run(mut self, live: Arc<ArcSwap<Runtime>>, mut stop: watch::Receiver<bool>) {
+    pub(crate) async fn run(
+        mut self,
+        live: Arc<ArcSwap<Runtime>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         // A change between the first read and the watch being set up would otherwise be missed.
         self.reload(&live, "start-up check");
         let mut listening = self.watcher.is_some();
@@ -443,8 +447,9 @@ impl Reloader {
                     loaded_at: SystemTime::now(),
                     ..running.origin.clone()
                 };
-                let present = runtime.api_key.is_some();
-                let source = runtime.api_key_source.clone();
+                let upstream = runtime.upstreams.default_upstream();
+                let present = upstream.key.is_some();
+                let source = upstream.key_source.clone();
                 live.store(Arc::new(runtime));
                 self.key_hash = key_hash;
                 self.log.succeeded();

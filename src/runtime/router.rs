@@ -8,9 +8,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::config::{Config, Midstream, RouteConfig};
 use crate::pattern::Pattern;
 
+use super::upstreams::{Upstreams, DEFAULT_UPSTREAM};
+
 pub use crate::config::DEFAULT_ROUTE;
 
-/// One routing rule, compiled: matchers ready to run, headers parsed once.
+/// One routing rule, compiled: matchers ready to run, headers parsed once, the attempts resolved
+/// to upstreams of the registry.
 #[derive(Debug)]
 pub struct Route {
     pub name: Arc<str>,
@@ -20,6 +23,8 @@ pub struct Route {
     /// The model sent upstream; `None` keeps the requested one untouched.
     pub model: Option<String>,
     pub fallbacks: Vec<String>,
+    /// The attempts in order: the route's model, then its fallbacks.
+    steps: Vec<Step>,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub remove_headers: Vec<HeaderName>,
     /// `None` when answers on this route are not cached.
@@ -30,45 +35,78 @@ pub struct Route {
     pub requests_per_minute: Option<u32>,
 }
 
+/// A compiled attempt: an upstream of the registry, by position, and the model sent there.
+#[derive(Debug, Clone, PartialEq)]
+struct Step {
+    upstream: usize,
+    model: Option<String>,
+}
+
+/// One planned attempt: which upstream, and the model sent there (`None`: the requested model, as
+/// it is).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attempt<'a> {
+    /// The upstream's position in the runtime's registry.
+    pub upstream: usize,
+    pub model: Option<&'a str>,
+}
+
+/// What routing decided for one request: its route (header edits, cache policy, timeouts, limits)
+/// and its attempts in order.
+pub struct Plan<'a> {
+    pub route: &'a Route,
+    pub attempts: Vec<Attempt<'a>>,
+}
+
 impl Route {
-    fn compile(
-        index: usize,
-        config: &RouteConfig,
-        default_timeout: Duration,
-    ) -> Result<Route, String> {
-        let at = format!("routes[{index}] (\"{}\")", config.name);
-        let header_name = |name: &str, key: &str| {
-            HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("{at}.{key}: \"{name}\" is not a valid header name"))
-        };
+    /// Compiles a rule the config has validated (header names and values among it).
+    fn compile(config: &RouteConfig, default_timeout: Duration, upstreams: &Upstreams) -> Route {
         let header_patterns = config
             .matcher
             .headers
             .iter()
-            .map(|(name, value)| Ok((header_name(name, "match.headers")?, Pattern::new(value))))
-            .collect::<Result<_, String>>()?;
+            .filter_map(|(name, value)| {
+                Some((
+                    HeaderName::from_bytes(name.as_bytes()).ok()?,
+                    Pattern::new(value),
+                ))
+            })
+            .collect();
         let set_headers = config
             .set_headers
             .iter()
-            .map(|(name, value)| {
-                let value = HeaderValue::from_str(value).map_err(|_| {
-                    format!("{at}.set_headers.\"{name}\": not a valid header value")
-                })?;
-                Ok((header_name(name, "set_headers")?, value))
+            .filter_map(|(name, value)| {
+                let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+                Some((name, HeaderValue::from_str(value).ok()?))
             })
-            .collect::<Result<_, String>>()?;
+            .collect();
         let remove_headers = config
             .remove_headers
             .iter()
-            .map(|name| header_name(name, "remove_headers"))
-            .collect::<Result<_, String>>()?;
-        Ok(Route {
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        let upstream = upstreams.index(DEFAULT_UPSTREAM).unwrap_or(0);
+        let steps = match &config.model {
+            Some(model) => std::iter::once(model)
+                .chain(&config.fallbacks)
+                .map(|model| Step {
+                    upstream,
+                    model: Some(model.clone()),
+                })
+                .collect(),
+            None => vec![Step {
+                upstream,
+                model: None,
+            }],
+        };
+        Route {
             name: Arc::from(config.name.as_str()),
             model_pattern: config.matcher.model.as_deref().map(Pattern::new),
             path_pattern: config.matcher.path.as_deref().map(Pattern::new),
             header_patterns,
             model: config.model.clone(),
             fallbacks: config.fallbacks.clone(),
+            steps,
             set_headers,
             remove_headers,
             cache_ttl: config.cache_ttl.filter(|ttl| !ttl.is_zero()),
@@ -76,7 +114,18 @@ impl Route {
             on_midstream: config.on_midstream,
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
-        })
+        }
+    }
+
+    /// The attempts of this route, in order.
+    pub fn attempts(&self) -> Vec<Attempt<'_>> {
+        self.steps
+            .iter()
+            .map(|step| Attempt {
+                upstream: step.upstream,
+                model: step.model.as_deref(),
+            })
+            .collect()
     }
 
     fn matches(&self, request: &RequestFacts<'_>) -> bool {
@@ -99,18 +148,6 @@ impl Route {
                 .is_some_and(|value| pattern.matches(value))
         })
     }
-
-    /// The models to try, in order: the route's model and its fallbacks, or a single `None`
-    /// ("send the requested model as it is") for a route that does not rewrite.
-    pub fn chain(&self) -> Vec<Option<&str>> {
-        match &self.model {
-            Some(model) => std::iter::once(model.as_str())
-                .chain(self.fallbacks.iter().map(String::as_str))
-                .map(Some)
-                .collect(),
-            None => vec![None],
-        }
-    }
 }
 
 /// What routing looks at.
@@ -129,30 +166,29 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn compile(config: &Config) -> Result<Router, String> {
+    /// Compiles the rules of a validated config against its upstream registry.
+    pub fn compile(config: &Config, upstreams: &Upstreams) -> Router {
         let timeout = config.upstream.first_byte_timeout;
         let routes = config
             .routes
             .iter()
-            .enumerate()
-            .map(|(index, route)| Route::compile(index, route, timeout))
-            .collect::<Result<_, _>>()?;
-        let default = Route {
-            name: Arc::from(DEFAULT_ROUTE),
-            model_pattern: None,
-            path_pattern: None,
-            header_patterns: Vec::new(),
+            .map(|route| Route::compile(route, timeout, upstreams))
+            .collect();
+        let pass_through = RouteConfig {
+            name: DEFAULT_ROUTE.to_owned(),
+            matcher: Default::default(),
             model: None,
             fallbacks: Vec::new(),
-            set_headers: Vec::new(),
-            remove_headers: Vec::new(),
             cache_ttl: None,
-            first_byte_timeout: timeout,
+            first_byte_timeout: None,
+            set_headers: Default::default(),
+            remove_headers: Vec::new(),
             on_midstream: Midstream::Error,
             max_concurrent: None,
             requests_per_minute: None,
         };
-        Ok(Router { routes, default })
+        let default = Route::compile(&pass_through, timeout, upstreams);
+        Router { routes, default }
     }
 
     /// The first rule that matches, else the default pass-through route.
@@ -169,7 +205,12 @@ mod tests {
     use super::*;
 
     fn router(text: &str) -> Router {
-        Router::compile(&Config::parse(text).unwrap()).unwrap()
+        let config = Config::parse(text).unwrap();
+        Router::compile(&config, &Upstreams::build(&config, None).unwrap())
+    }
+
+    fn models(route: &Route) -> Vec<Option<&str>> {
+        route.attempts().iter().map(|a| a.model).collect()
     }
 
     fn facts<'a>(model: Option<&'a str>, headers: &'a HeaderMap) -> RequestFacts<'a> {
@@ -211,7 +252,7 @@ mod tests {
         );
         let fast = router.route(&facts(Some("fast"), &none));
         assert_eq!(
-            fast.chain(),
+            models(fast),
             vec![
                 Some("openai/gpt-4o-mini"),
                 Some("anthropic/claude-3.5-haiku")
@@ -219,7 +260,7 @@ mod tests {
         );
         let other = router.route(&facts(Some("mistral/x"), &none));
         assert_eq!(other.name.as_ref(), DEFAULT_ROUTE);
-        assert_eq!(other.chain(), vec![None]);
+        assert_eq!(models(other), vec![None]);
         assert_eq!(
             router.route(&facts(None, &none)).name.as_ref(),
             DEFAULT_ROUTE

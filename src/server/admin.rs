@@ -9,9 +9,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::config::UpstreamAuth;
-use crate::pipeline::Shared;
 use crate::pipeline::relay::ProxyBody;
+use crate::pipeline::Shared;
 use crate::runtime::reload::ReloadLog;
 
 /// Answers one admin request.
@@ -52,8 +51,8 @@ fn readiness(shared: &Shared) -> Response<ProxyBody> {
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
     let runtime = shared.runtime.load();
-    if runtime.api_key.is_none() && runtime.config.upstream.auth == UpstreamAuth::Inject {
-        let reason = format!("no API key: nothing found in {}\n", runtime.api_key_source);
+    if let Some(upstream) = runtime.upstreams.iter().find(|u| !u.ready()) {
+        let reason = format!("no API key: nothing found in {}\n", upstream.key_source);
         return text(StatusCode::SERVICE_UNAVAILABLE, reason);
     }
     text(StatusCode::OK, "ready\n".into())
@@ -75,8 +74,8 @@ fn config_identity(shared: &Shared, reloads: &ReloadLog) -> Response<ProxyBody> 
         "routes": config.routes.iter().map(|route| &route.name).collect::<Vec<_>>(),
         "upstream_headers": config.upstream.headers.keys().collect::<Vec<_>>(),
         "api_key": {
-            "source": runtime.api_key_source,
-            "present": runtime.api_key.is_some(),
+            "source": runtime.upstreams.default_upstream().key_source,
+            "present": runtime.upstreams.default_upstream().key.is_some(),
         },
     });
     let mut response = text(StatusCode::OK, format!("{body}\n"));

@@ -14,9 +14,9 @@ pub mod admin;
 mod connection;
 
 use crate::config::ServerConfig;
-use crate::server::connection::{ConnPolicy, Pressure};
 use crate::pipeline::Shared;
 use crate::runtime::reload::ReloadLog;
+use crate::server::connection::{ConnPolicy, Pressure};
 
 /// The two bound sockets the proxy serves on. Binding is the caller's job, so tests can use port 0.
 pub struct Listeners {
@@ -43,7 +43,8 @@ pub async fn run(
     let (_admin_drain, admin_drain) = watch::channel(false);
     let admin = {
         let (shared, reloads) = (shared.clone(), reloads);
-        let handle = move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
+        let handle =
+            move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
         let listener = Accept {
             name: "admin",
             max_connections: settings.admin_max_connections,

@@ -12,27 +12,29 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::{Continuation, Failure, Outbound, Reason};
+use super::resume::Continuation;
+use super::send::{Failure, Reason};
+use super::Outbound;
 use crate::config::Midstream;
-use crate::record::RequestRecord;
 use crate::pipeline::relay::{ProxyBody, Relay};
+use crate::record::RequestRecord;
 use crate::shape::Shape;
 use crate::sse::{Event, Scanner, WINDOW};
 
 /// What is known of an answer when its head arrives.
-pub(super) struct Answer<'a> {
+pub(super) struct Answer {
     pub(super) status: StatusCode,
     /// When the attempt was sent: the first-byte budget counts from here.
     pub(super) started: Instant,
-    /// The model serving this attempt.
-    pub(super) serving: Option<&'a str>,
+    /// The position in the plan of the attempt serving.
+    pub(super) serving: usize,
 }
 
 /// The body the client gets for an answer whose status is no failure in itself, or the failure
 /// found in it.
 pub(super) async fn body(
     out: &Outbound<'_>,
-    answer: Answer<'_>,
+    answer: Answer,
     headers: &mut HeaderMap,
     body: Incoming,
     record: &mut RequestRecord,
@@ -64,11 +66,7 @@ fn untouched(out: &Outbound<'_>, body: Incoming) -> ProxyBody {
 }
 
 /// An event stream, held back until its first content when a fallback is possible.
-async fn stream(
-    out: &Outbound<'_>,
-    answer: &Answer<'_>,
-    body: Incoming,
-) -> Result<ProxyBody, Failure> {
+async fn stream(out: &Outbound<'_>, answer: &Answer, body: Incoming) -> Result<ProxyBody, Failure> {
     let timeout = out.route.first_byte_timeout;
     // Resuming appends the partial answer as an assistant message: chat streams only.
     let resumable = out.route.on_midstream == Midstream::Resume
@@ -95,7 +93,7 @@ async fn stream(
 /// A JSON answer, read whole when it fits the inspection bound: an error in it falls back.
 async fn json(
     out: &Outbound<'_>,
-    answer: &Answer<'_>,
+    answer: &Answer,
     headers: &mut HeaderMap,
     body: Incoming,
     record: &mut RequestRecord,

@@ -1,0 +1,195 @@
+//! One upstream attempt: the request sent, its response head within the first-byte timeout, and
+//! what went wrong when it went wrong, as a [`Failure`] another attempt may make up for.
+
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::{inspect, Outbound};
+use crate::error::ProxyError;
+use crate::pipeline::headers::strip_hop_by_hop;
+use crate::pipeline::relay::ProxyBody;
+use crate::record::RequestRecord;
+use crate::upstream::{OutBody, UpstreamClient};
+
+/// Why an attempt did not produce an answer for the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    Connect,
+    Timeout,
+    Status(u16),
+    /// OpenRouter's "unavailable" answer with status 200: an `error` object in the JSON body, or an
+    /// SSE error event before any content.
+    Unavailable,
+    /// The stream ended or broke before any content.
+    StreamFailed,
+    Transport,
+}
+
+impl Reason {
+    /// The low-cardinality label of metrics and logs.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Reason::Connect => "connect_error",
+            Reason::Timeout => "timeout",
+            Reason::Status(429) => "rate_limited",
+            Reason::Status(408) => "status_408",
+            Reason::Status(status) if status >= 500 => "status_5xx",
+            Reason::Status(_) => "status_4xx",
+            Reason::Unavailable => "unavailable",
+            Reason::StreamFailed => "stream_failed",
+            Reason::Transport => "upstream_error",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) reason: Reason,
+    pub(crate) detail: String,
+    pub(crate) status: Option<StatusCode>,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) timeout: Duration,
+}
+
+impl Failure {
+    pub(crate) fn new(reason: Reason, detail: String) -> Failure {
+        Failure {
+            reason,
+            detail,
+            status: None,
+            retry_after: None,
+            timeout: Duration::ZERO,
+        }
+    }
+
+    /// A timeout after `timeout`, described by `what`.
+    pub(crate) fn timed_out(what: &str, timeout: Duration) -> Failure {
+        let mut failure = Failure::new(
+            Reason::Timeout,
+            format!("{what} within {}", humantime::format_duration(timeout)),
+        );
+        failure.timeout = timeout;
+        failure
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self.reason {
+            Reason::Status(status) if self.detail.is_empty() => format!("status {status}"),
+            Reason::Status(status) => format!("status {status}: {}", self.detail),
+            _ => self.detail.clone(),
+        }
+    }
+
+    /// The status of the all-attempts-failed answer when this was the last failure.
+    pub(crate) fn summary_status(&self) -> StatusCode {
+        match (self.status, self.reason) {
+            (Some(status), _) if status.as_u16() >= 400 => status,
+            (_, Reason::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    pub(crate) fn into_error(self) -> ProxyError {
+        match self.reason {
+            Reason::Connect => ProxyError::UpstreamConnect(self.detail),
+            Reason::Timeout => ProxyError::UpstreamTimeout(self.timeout),
+            _ => ProxyError::Upstream(self.describe()),
+        }
+    }
+}
+
+/// One upstream attempt. `Ok` is an answer the client gets (success, or an error that is the
+/// client's own); `Err` is a failure another attempt may make up for.
+pub(crate) async fn attempt(
+    out: &Outbound<'_>,
+    position: usize,
+    record: &mut RequestRecord,
+) -> Result<Response<ProxyBody>, Failure> {
+    let planned = out.attempts[position];
+    let started = Instant::now();
+    let timeout = out.route.first_byte_timeout;
+    let upstream = out.runtime.upstreams.at(planned.upstream);
+    let request = out.request(upstream, out.body_for(planned.model))?;
+    record.mark_dispatched();
+    let response = send(&upstream.client, request, timeout).await?;
+    let status = response.status();
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if out.inspect && out.falls_back_on(status) {
+        let retry_after = retry_after(&parts.headers);
+        let detail = error_detail(body).await;
+        return Err(Failure {
+            reason: Reason::Status(status.as_u16()),
+            detail,
+            status: Some(status),
+            retry_after,
+            timeout,
+        });
+    }
+    let answer = inspect::Answer {
+        status,
+        started,
+        serving: position,
+    };
+    let body = inspect::body(out, answer, &mut parts.headers, body, record).await?;
+    Ok(Response::from_parts(parts, body))
+}
+
+/// The start of a failed answer's error message, for the attempt summary: bounded in size and
+/// time, since nothing of it reaches the client.
+async fn error_detail(body: Incoming) -> String {
+    let read = Limited::new(body, 16 * 1024).collect();
+    match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(collected)) => {
+            let bytes = collected.to_bytes();
+            crate::sse::json_body_error(&bytes).unwrap_or_else(|| {
+                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                    .trim()
+                    .to_owned()
+            })
+        }
+        _ => String::new(),
+    }
+}
+
+/// `Retry-After` in seconds (the form OpenRouter and most APIs use).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// One upstream request up to the response head, bounded by the first-byte timeout.
+pub(crate) async fn send(
+    client: &UpstreamClient,
+    request: Request<OutBody>,
+    first_byte_timeout: Duration,
+) -> Result<Response<Incoming>, Failure> {
+    match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(error)) if error.is_connect() => {
+            Err(Failure::new(Reason::Connect, error_chain(&error)))
+        }
+        Ok(Err(error)) => Err(Failure::new(Reason::Transport, error_chain(&error))),
+        Err(_) => Err(Failure::timed_out("no response", first_byte_timeout)),
+    }
+}
+
+/// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

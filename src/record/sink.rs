@@ -1,0 +1,99 @@
+//! The one sink of a finished request: its record becomes the request's metrics and its
+//! access-log line, exactly once, when the record is dropped.
+
+use std::time::Duration;
+
+use super::metrics;
+use super::{AttemptEvent, CacheResult, Outcome, RequestRecord};
+
+impl RequestRecord {
+    /// The proxy's own share of the request's time: until the first upstream request went out,
+    /// or, for an answer from the cache, until it started going out. Requests that never reached
+    /// either point (refused, or abandoned before) have none.
+    fn overhead(&self) -> Option<Duration> {
+        match self.cache {
+            Some(CacheResult::Hit) if self.coalesced => None,
+            Some(CacheResult::Hit) => self.first_byte,
+            _ => self.dispatched,
+        }
+    }
+
+    fn record_attempts(&self) {
+        for event in &self.events {
+            match event {
+                AttemptEvent::Answered { model } => {
+                    metrics::upstream_attempt(&self.config, model, "answered");
+                }
+                AttemptEvent::Failed { model, reason } => {
+                    metrics::upstream_attempt(&self.config, model, reason);
+                }
+                AttemptEvent::Fallback { from, to, reason } => {
+                    metrics::fallback(&self.config, from, to, reason);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let duration = self.started.elapsed();
+        // 499: the client closed the connection before the answer was complete (nginx's convention).
+        let status = match self.outcome {
+            Outcome::Pending => 499,
+            _ => self.status,
+        };
+        let outcome = match self.outcome {
+            Outcome::Pending => "client_closed",
+            Outcome::Complete => "complete",
+            Outcome::UpstreamFailed => "upstream_failed",
+        };
+        let model = self
+            .served_model
+            .as_deref()
+            .or(self.requested_model.as_deref())
+            .unwrap_or("");
+        let label = metrics::model_label(&self.config, model);
+        self.record_attempts();
+        metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
+        // A cache hit consumed nothing upstream: its replayed body carries the original usage,
+        // which was counted when that answer was first served.
+        if let Some(usage) = &self.usage {
+            metrics::usage(&label, usage);
+        }
+        if let Some(result) = self.cache {
+            metrics::cache_result(&self.route, result.label());
+        }
+        let overhead = self.overhead();
+        if let Some(overhead) = overhead {
+            metrics::overhead(&self.route, overhead);
+        }
+        // Never the key, headers or bodies: only what routing and accounting decided.
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            route = %self.route,
+            caller = self.caller.as_deref().unwrap_or(""),
+            requested_model = self.requested_model.as_deref().unwrap_or(""),
+            served_model = self.served_model.as_deref().unwrap_or(""),
+            attempts = self.attempts,
+            status,
+            response_status = self.status,
+            outcome,
+            error = self.error.unwrap_or(""),
+            stream_error = self.stream_error.as_deref().unwrap_or(""),
+            ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            overhead_ms = overhead.map(|d| d.as_secs_f64() * 1000.0),
+            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
+            completion_tokens = self.usage.map(|u| u.completion_tokens),
+            cost_usd = self.usage.and_then(|u| u.cost),
+            cache = self.cache.map_or("", CacheResult::header),
+            coalesced = self.coalesced,
+            bytes = self.bytes,
+            "request"
+        );
+    }
+}
