@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openrouter_proxy::runtime::reload::content_hash;
+use openrouter_proxy::runtime::content_hash;
 use support::*;
 
 const CHAT: &str = "/v1/chat/completions";

@@ -2,6 +2,7 @@
 //! inbound tokens), built off the request path and swapped in whole, and the reloader that
 //! builds and swaps it. Nothing here knows the request pipeline; the pipeline reads a snapshot.
 
+mod live;
 pub mod reload;
 pub mod router;
 pub mod upstreams;
@@ -12,7 +13,7 @@ use crate::config::Config;
 use router::{Plan, RequestFacts, Router};
 use upstreams::Upstreams;
 
-pub use reload::{ConfigOrigin, LiveConfig, ReloadLog, ReloadTrigger};
+pub use live::{content_hash, ConfigOrigin, LiveConfig, ReloadLog, ReloadTrigger};
 
 /// Everything a request needs from the config, compiled once per load.
 pub struct Runtime {

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use crate::pipeline::relay::ProxyBody;
 use crate::pipeline::Shared;
-use crate::runtime::reload::ReloadLog;
+use crate::runtime::ReloadLog;
 
 /// Answers one admin request.
 pub async fn handle(

@@ -15,7 +15,7 @@ mod connection;
 
 use crate::config::ServerConfig;
 use crate::pipeline::Shared;
-use crate::runtime::reload::ReloadLog;
+use crate::runtime::ReloadLog;
 use crate::server::connection::{ConnPolicy, Pressure};
 
 /// The two bound sockets the proxy serves on. Binding is the caller's job, so tests can use port 0.
