@@ -142,21 +142,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn joins_under_the_base_path() {
-        let base = BaseUrl::parse("https://openrouter.ai/api/v1/").unwrap();
-        let uri = base.join("/chat/completions", Some("a=1")).unwrap();
-        assert_eq!(
-            uri.to_string(),
-            "https://openrouter.ai/api/v1/chat/completions?a=1"
-        );
-        let base = BaseUrl::parse("http://127.0.0.1:9").unwrap();
-        assert_eq!(
-            base.join("/models", None).unwrap().to_string(),
-            "http://127.0.0.1:9/models"
-        );
-    }
-
-    #[test]
     fn api_paths() {
         assert_eq!(
             api_path("/v1/chat/completions").unwrap(),

@@ -90,7 +90,7 @@ pub(super) async fn lookup(
     };
     let mut fill = None;
     if directive == Directive::Normal {
-        if let Some(answer) = shared.cache.get(&key) {
+        if let Some((answer, _tier)) = shared.cache.get(&key).await {
             return Lookup::Hit(answer);
         }
         if !json.stream {
