@@ -10,6 +10,10 @@
     clippy::expect_used,
     reason = "a benchmark fails loudly on set-up errors"
 )]
+#![allow(
+    clippy::too_many_lines,
+    reason = "a measurement round reads top to bottom: set-up, load, every figure of the table"
+)]
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -4,6 +4,10 @@
 //! slowloris clients (closed by the header-read timeout, never starving normal clients).
 //! Each scenario prints `chaos: <fault> sent=N ok=N lost=N` lines.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
+)]
 
 mod support;
 

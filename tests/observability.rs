@@ -5,6 +5,10 @@
 //! uses route and model names of its own, and only `model_labels_are_capped` sends model names
 //! that no config mentions (they are what the label budget counts).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
+)]
 
 mod support;
 

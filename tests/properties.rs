@@ -2,6 +2,10 @@
 //! the SSE scanner, the model rewrite and the upstream path mapping. `PROPTEST_CASES=10000` runs a
 //! longer search than the default 256 cases per property.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
+)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

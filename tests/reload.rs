@@ -1,6 +1,10 @@
 //! Live reload over real sockets: edits in place, renames over the file, Kubernetes `..data`
 //! symlink swaps, a reload storm under load, rejected edits, key rotation and SIGHUP.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
+)]
 
 mod support;
 

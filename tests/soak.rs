@@ -13,6 +13,10 @@
 //! `SOAK_ROUNDS` the storms after the warm-up (default 1) and `SOAK_SEED` the seed of the
 //! disconnect schedule, printed with the results.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(
+    clippy::too_many_lines,
+    reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
+)]
 
 mod support;
 
