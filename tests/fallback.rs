@@ -469,7 +469,8 @@ fallbacks = ["backup/model"]
     let (_, _, metrics) = read_all(send("GET", &proxy.admin_url("/metrics"), &[], "").await).await;
     let metrics = String::from_utf8(metrics.to_vec()).unwrap();
     assert!(
-        metrics.contains("openrouter_model_cooldown{model=\"primary/model\"} 1"),
+        metrics
+            .contains("openrouter_model_cooldown{upstream=\"default\",model=\"primary/model\"} 1"),
         "{metrics}"
     );
 

@@ -385,37 +385,61 @@ async fn scripted_traffic_is_counted_exactly() {
     assert_value(
         &m,
         attempts,
-        &[("model", "obs/plain"), ("outcome", "answered")],
+        &[
+            ("upstream", "default"),
+            ("model", "obs/plain"),
+            ("outcome", "answered"),
+        ],
         1.0,
     );
     assert_value(
         &m,
         attempts,
-        &[("model", "obs/down"), ("outcome", "status_5xx")],
+        &[
+            ("upstream", "default"),
+            ("model", "obs/down"),
+            ("outcome", "status_5xx"),
+        ],
         2.0,
     );
     assert_value(
         &m,
         attempts,
-        &[("model", "obs/rescuer"), ("outcome", "answered")],
+        &[
+            ("upstream", "default"),
+            ("model", "obs/rescuer"),
+            ("outcome", "answered"),
+        ],
         1.0,
     );
     assert_value(
         &m,
         attempts,
-        &[("model", "obs/also/down"), ("outcome", "status_5xx")],
+        &[
+            ("upstream", "default"),
+            ("model", "obs/also/down"),
+            ("outcome", "status_5xx"),
+        ],
         1.0,
     );
     assert_value(
         &m,
         attempts,
-        &[("model", "obs/cached"), ("outcome", "answered")],
+        &[
+            ("upstream", "default"),
+            ("model", "obs/cached"),
+            ("outcome", "answered"),
+        ],
         1.0,
     );
     assert_value(
         &m,
         attempts,
-        &[("model", "obs/streamer"), ("outcome", "answered")],
+        &[
+            ("upstream", "default"),
+            ("model", "obs/streamer"),
+            ("outcome", "answered"),
+        ],
         1.0,
     );
 
@@ -637,7 +661,11 @@ model = "obs-capped/target"
     assert_value(
         &m,
         "openrouter_upstream_attempts_total",
-        &[("model", "other"), ("outcome", "answered")],
+        &[
+            ("upstream", "default"),
+            ("model", "other"),
+            ("outcome", "answered"),
+        ],
         4.0,
     );
     assert_value(

@@ -9,6 +9,7 @@ use serde::{Deserialize, Deserializer};
 
 mod base_url;
 mod error;
+mod upstreams;
 mod validate;
 
 pub use base_url::BaseUrl;
@@ -18,12 +19,19 @@ pub use validate::validate_tokens;
 /// The route name reported for requests that no rule matched.
 pub const DEFAULT_ROUTE: &str = "default";
 
+/// The name `[upstream]` goes by in plans, metrics, logs and `x-proxy-upstream`.
+pub const DEFAULT_UPSTREAM: &str = "default";
+
+pub use upstreams::DEFAULT_BASE_URL;
+
 /// The whole `proxy.toml`, validated.
 #[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    /// Further upstreams by name; `[upstream]` is the one named "default".
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub fallback: FallbackConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
@@ -145,6 +153,12 @@ impl Default for ServerConfig {
 pub struct UpstreamConfig {
     /// Any OpenAI-compatible base URL; `/v1/<rest>` is sent to `<base_url>/<rest>`.
     pub base_url: String,
+    /// Several base URLs of one service instead of `base_url`: requests are spread over them
+    /// (least in flight of two random choices), and a failing one is ejected for a while.
+    pub endpoints: Vec<String>,
+    /// A pool of keys instead of `api_key_env` / `api_key_file`: a weighted choice among the keys
+    /// that are not out (rejected, out of credit or rate limited).
+    pub keys: Vec<KeyConfig>,
     /// Environment variable holding the API key. Used when `api_key_file` is not set.
     pub api_key_env: Option<String>,
     /// File holding the API key (a mounted Kubernetes Secret); surrounding whitespace is ignored.
@@ -171,7 +185,9 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         Self {
-            base_url: "https://openrouter.ai/api/v1".to_owned(),
+            base_url: DEFAULT_BASE_URL.to_owned(),
+            endpoints: Vec::new(),
+            keys: Vec::new(),
             api_key_env: None,
             api_key_file: None,
             auth: UpstreamAuth::Inject,
@@ -199,6 +215,27 @@ pub enum UpstreamAuth {
     #[default]
     Inject,
     Passthrough,
+    /// No `Authorization` at all (an in-cluster server that needs none).
+    None,
+}
+
+/// One key of an upstream's pool.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// How logs and metrics name the key (its position in the pool when absent); never its value.
+    pub name: Option<String>,
+    /// Environment variable holding the key.
+    pub env: Option<String>,
+    /// File holding the key (a mounted Secret), re-read when it changes.
+    pub file: Option<PathBuf>,
+    /// Share of the requests this key takes among the keys that are up.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -303,9 +340,21 @@ pub struct RouteConfig {
     pub matcher: MatchConfig,
     /// The model sent upstream; absent means the requested model is kept.
     pub model: Option<String>,
-    /// Models tried in order after `model` fails.
+    /// The upstream the route's attempts go to (`model`, and fallbacks naming no upstream);
+    /// absent: the default upstream.
+    pub upstream: Option<String>,
+    /// Attempts made in order after `model` fails: a model (on the route's upstream), or
+    /// `{ upstream = "name", model = "..." }`.
     #[serde(default)]
-    pub fallbacks: Vec<String>,
+    pub fallbacks: Vec<FallbackTarget>,
+    /// Merged into the JSON body after the model rewrite (objects key by key, as a JSON merge
+    /// patch; other values replace).
+    pub set_body: Option<toml::Value>,
+    /// Merged only where the client did not set the field (defaults such as `max_tokens`).
+    pub default_body: Option<toml::Value>,
+    /// Top-level fields removed from the JSON body.
+    #[serde(default)]
+    pub unset_body: Vec<String>,
     /// Absent or zero: answers on this route are not cached.
     #[serde(default, with = "humantime_serde::option")]
     pub cache_ttl: Option<Duration>,
@@ -323,6 +372,33 @@ pub struct RouteConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate on this route (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+}
+
+/// A fallback of a route: a model on the route's upstream, or a model on a named upstream.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum FallbackTarget {
+    Model(String),
+    On {
+        upstream: Option<String>,
+        model: String,
+    },
+}
+
+impl FallbackTarget {
+    pub fn model(&self) -> &str {
+        match self {
+            FallbackTarget::Model(model) | FallbackTarget::On { model, .. } => model,
+        }
+    }
+
+    /// The upstream named for this fallback, if any (otherwise the route's).
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            FallbackTarget::Model(_) => None,
+            FallbackTarget::On { upstream, .. } => upstream.as_deref(),
+        }
+    }
 }
 
 /// The answer to a stream that breaks after content has reached the client.

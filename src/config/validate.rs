@@ -7,20 +7,21 @@ use std::time::Duration;
 use super::error::{Invalid, KeyPath};
 use super::{Config, RouteConfig, ServerConfig, TokenConfig, UpstreamAuth};
 
-type Checked = Result<(), Invalid>;
+pub(super) type Checked = Result<(), Invalid>;
 
 impl Config {
     pub(crate) fn validate(&self) -> Checked {
         validate_server(&self.server)?;
-        if self.upstream.auth == UpstreamAuth::Passthrough
-            && (!self.server.tokens.is_empty() || self.server.token_file.is_some())
-        {
+        let passthrough = self
+            .all_upstreams()
+            .any(|(_, u)| u.auth == UpstreamAuth::Passthrough);
+        if passthrough && (!self.server.tokens.is_empty() || self.server.token_file.is_some()) {
             return Err(Invalid::new(
                 KeyPath::new("server.tokens"),
                 "inbound tokens and upstream.auth = \"passthrough\" both use the Authorization header; choose one",
             ));
         }
-        self.validate_upstream()?;
+        self.validate_upstreams()?;
         self.validate_fallback()?;
         positive(self.cache.max_bytes, "cache.max_bytes")?;
         positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
@@ -45,32 +46,8 @@ impl Config {
                     format!("duplicate route name \"{}\"", route.name),
                 ));
             }
-            validate_route(route, at)?;
-        }
-        Ok(())
-    }
-
-    fn validate_upstream(&self) -> Checked {
-        let u = &self.upstream;
-        super::BaseUrl::parse(&u.base_url)
-            .map_err(|reason| Invalid::new(KeyPath::new("upstream.base_url"), reason))?;
-        if u.api_key_env.is_some() && u.api_key_file.is_some() {
-            return Err(Invalid::new(
-                KeyPath::new("upstream.api_key_file"),
-                "set either api_key_env or api_key_file, not both",
-            ));
-        }
-        if u.api_key_env.as_deref() == Some("") {
-            return Err(Invalid::new(
-                KeyPath::new("upstream.api_key_env"),
-                "must not be empty",
-            ));
-        }
-        nonzero(u.connect_timeout, "upstream.connect_timeout")?;
-        nonzero(u.first_byte_timeout, "upstream.first_byte_timeout")?;
-        nonzero(u.stream_idle_timeout, "upstream.stream_idle_timeout")?;
-        for (name, value) in &u.headers {
-            header_pair(name, value, KeyPath::new("upstream.headers").key(name))?;
+            validate_route(route, at.clone())?;
+            super::upstreams::validate_route_targets(self, route, &at)?;
         }
         Ok(())
     }
@@ -113,8 +90,14 @@ fn validate_server(s: &ServerConfig) -> Checked {
         s.admin_max_connections as u64,
         "server.admin_max_connections",
     )?;
-    nonzero(s.header_read_timeout, "server.header_read_timeout")?;
-    nonzero(s.body_read_timeout, "server.body_read_timeout")?;
+    nonzero(
+        s.header_read_timeout,
+        &KeyPath::new("server.header_read_timeout"),
+    )?;
+    nonzero(
+        s.body_read_timeout,
+        &KeyPath::new("server.body_read_timeout"),
+    )?;
     if s.max_header_bytes < 8192 {
         return Err(Invalid::new(
             KeyPath::new("server.max_header_bytes"),
@@ -140,12 +123,7 @@ fn validate_route(route: &RouteConfig, at: KeyPath) -> Checked {
     if route.name.trim().is_empty() {
         return Err(Invalid::new(at.key("name"), "must not be empty"));
     }
-    if route
-        .model
-        .iter()
-        .chain(&route.fallbacks)
-        .any(|m| m.trim().is_empty())
-    {
+    if route.model.as_ref().is_some_and(|m| m.trim().is_empty()) {
         return Err(Invalid::new(
             at.key("model"),
             named("model names must not be empty"),
@@ -233,9 +211,9 @@ fn positive(value: u64, key: &str) -> Checked {
     Ok(())
 }
 
-fn nonzero(value: Duration, key: &str) -> Checked {
+pub(super) fn nonzero(value: Duration, key: &KeyPath) -> Checked {
     if value.is_zero() {
-        return Err(Invalid::new(KeyPath::new(key), "must be longer than 0s"));
+        return Err(Invalid::new(key.clone(), "must be longer than 0s"));
     }
     Ok(())
 }
@@ -246,7 +224,7 @@ fn header_name(name: &str, key: KeyPath) -> Checked {
         .map_err(|_| Invalid::new(key, "not a valid header name"))
 }
 
-fn header_pair(name: &str, value: &str, key: KeyPath) -> Checked {
+pub(super) fn header_pair(name: &str, value: &str, key: KeyPath) -> Checked {
     header_name(name, key.clone())?;
     http::HeaderValue::from_str(value)
         .map(|_| ())

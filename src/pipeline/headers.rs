@@ -36,18 +36,20 @@ pub fn for_upstream(client: &HeaderMap, route: &Route) -> HeaderMap {
 }
 
 /// The headers of one attempt: `base` (from [`for_upstream`]), then the upstream's own headers,
-/// the route's `set_headers` (which win over the upstream's), and the credentials.
+/// the route's `set_headers` (which win over the upstream's), and the credentials, if any.
 pub fn for_attempt(
     base: &HeaderMap,
     upstream: &Upstream,
     route: &Route,
-    credentials: &HeaderValue,
+    credentials: Option<&HeaderValue>,
 ) -> HeaderMap {
     let mut headers = base.clone();
     for (name, value) in upstream.headers.iter().chain(&route.set_headers) {
         headers.insert(name.clone(), value.clone());
     }
-    headers.insert(header::AUTHORIZATION, credentials.clone());
+    if let Some(credentials) = credentials {
+        headers.insert(header::AUTHORIZATION, credentials.clone());
+    }
     headers
 }
 

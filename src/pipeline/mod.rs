@@ -181,6 +181,7 @@ async fn answer(
         bytes: Bytes::new(),
         json: None,
         upload: Mutex::new(None),
+        streamed: false,
         shape: ctx.shape,
         inspect: false,
     };
@@ -224,8 +225,7 @@ fn reachable<'a>(
             runtime
                 .upstreams
                 .at(a.upstream)
-                .credentials(caller.key.as_ref())
-                .is_some()
+                .reachable(caller.key.as_ref())
         })
         .copied()
         .collect();
@@ -320,6 +320,7 @@ async fn send_upload(
     }
     let fault = upload.fault();
     out.upload = Mutex::new(Some(upload));
+    out.streamed = true;
     let answer = run_chain(shared, out, requested, record).await;
     // An upload that broke on the client's side (too large, too slow, gone) is the client's
     // error, not the upstream's.

@@ -43,6 +43,8 @@ pub struct ProxyBody {
     record: Option<Box<RequestRecord>>,
     /// Concurrency slots held until the answer ends.
     permits: Vec<crate::limits::Permit>,
+    /// Other things held until the answer ends (an endpoint's in-flight count).
+    holds: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 enum Source {
@@ -154,6 +156,7 @@ impl ProxyBody {
             failure: false,
             record: None,
             permits: Vec::new(),
+            holds: Vec::new(),
         }
     }
 
@@ -163,6 +166,7 @@ impl ProxyBody {
             failure: false,
             record: None,
             permits: Vec::new(),
+            holds: Vec::new(),
         }
     }
 
@@ -196,6 +200,12 @@ impl ProxyBody {
         }
     }
 
+    /// Keeps `held` until the answer ends.
+    pub fn holding<T: std::any::Any + Send>(mut self, held: T) -> ProxyBody {
+        self.holds.push(Box::new(held));
+        self
+    }
+
     pub fn with_permits(mut self, permits: Vec<crate::limits::Permit>) -> ProxyBody {
         self.permits = permits;
         self
@@ -227,6 +237,7 @@ impl ProxyBody {
         // Dropping the record writes it now rather than whenever hyper drops the body.
         self.record = None;
         self.permits.clear();
+        self.holds.clear();
         self.source = Source::Done;
     }
 

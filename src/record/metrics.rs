@@ -26,6 +26,7 @@ pub const CACHE_EVICTIONS: &str = "openrouter_cache_evictions_total";
 pub const CACHE_COALESCED: &str = "openrouter_cache_coalesced_total";
 pub const CACHE_ENTRIES: &str = "openrouter_cache_entries";
 pub const CACHE_BYTES: &str = "openrouter_cache_bytes";
+pub const KEY_UP: &str = "openrouter_upstream_key_up";
 
 /// LLM calls take from milliseconds (cache hits, embeddings) to minutes (long generations).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -116,7 +117,21 @@ pub fn describe() {
         COOLDOWN,
         "1 while a model is skipped after repeated failures."
     );
+    metrics::describe_gauge!(
+        KEY_UP,
+        "1 while a key of an upstream's pool is in rotation, 0 while it is out (refused, out of \
+         credit or rate limited)."
+    );
     gauge!(ACTIVE).set(0.0);
+}
+
+/// Whether a key of an upstream's pool is in rotation; labelled by the key's name, never its value.
+pub fn key_up(upstream: &str, key: &str, up: bool) {
+    gauge!(KEY_UP, "upstream" => upstream.to_owned(), "key" => key.to_owned()).set(if up {
+        1.0
+    } else {
+        0.0
+    });
 }
 
 pub fn request_started() {
@@ -209,16 +224,23 @@ pub fn overhead(route: &str, overhead: Duration) {
     histogram!(OVERHEAD, "route" => route.to_owned()).record(overhead.as_secs_f64());
 }
 
-pub fn upstream_attempt(config: &Config, model: &str, outcome: &'static str) {
+pub fn upstream_attempt(config: &Config, upstream: &str, model: &str, outcome: &'static str) {
     let model = model_label(config, model);
-    counter!(UPSTREAM_ATTEMPTS, "model" => model, "outcome" => outcome).increment(1);
+    let upstream = upstream.to_owned();
+    counter!(UPSTREAM_ATTEMPTS, "upstream" => upstream, "model" => model, "outcome" => outcome)
+        .increment(1);
 }
 
 /// Only models that already have a label are shown: a cool-down of a model counted under `other`
 /// would say nothing about which one it is, and one `other` series cannot be 1 and 0 at once.
-pub fn cooldown(model: &str, cooling: bool) {
+pub fn cooldown(upstream: &str, model: &str, cooling: bool) {
     if let Some(model) = admitted_label(model) {
-        gauge!(COOLDOWN, "model" => model).set(if cooling { 1.0 } else { 0.0 });
+        let upstream = upstream.to_owned();
+        gauge!(COOLDOWN, "upstream" => upstream, "model" => model).set(if cooling {
+            1.0
+        } else {
+            0.0
+        });
     }
 }
 
@@ -305,7 +327,7 @@ pub fn model_label(config: &Config, model: &str) -> String {
 fn names_model(config: &Config, model: &str) -> bool {
     config.routes.iter().any(|route| {
         route.model.as_deref() == Some(model)
-            || route.fallbacks.iter().any(|m| m == model)
+            || route.fallbacks.iter().any(|m| m.model() == model)
             || route
                 .matcher
                 .model

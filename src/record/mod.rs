@@ -32,6 +32,9 @@ pub struct RequestRecord {
     pub caller: Option<Arc<str>>,
     pub requested_model: Option<String>,
     pub served_model: Option<String>,
+    /// The upstream that answered, and the name of the pool key it was sent with.
+    pub upstream: Option<Arc<str>>,
+    pub key: Option<Arc<str>>,
     pub attempts: usize,
     /// The status of the answer the proxy sent.
     pub status: u16,
@@ -89,9 +92,11 @@ impl CacheResult {
 #[derive(Debug)]
 enum AttemptEvent {
     Answered {
+        upstream: Arc<str>,
         model: String,
     },
     Failed {
+        upstream: Arc<str>,
         model: String,
         reason: &'static str,
     },
@@ -119,6 +124,8 @@ impl RequestRecord {
             caller: None,
             requested_model: None,
             served_model: None,
+            upstream: None,
+            key: None,
             attempts: 0,
             status: 0,
             error: None,
@@ -141,16 +148,18 @@ impl RequestRecord {
         metrics::cache_coalesced();
     }
 
-    /// An attempt on `model` answered.
-    pub fn attempt_answered(&mut self, model: &str) {
+    /// An attempt on `model` at `upstream` answered.
+    pub fn attempt_answered(&mut self, upstream: &Arc<str>, model: &str) {
         self.events.push(AttemptEvent::Answered {
+            upstream: upstream.clone(),
             model: model.to_owned(),
         });
     }
 
-    /// An attempt on `model` failed for `reason` (a low-cardinality label).
-    pub fn attempt_failed(&mut self, model: &str, reason: &'static str) {
+    /// An attempt on `model` at `upstream` failed for `reason` (a low-cardinality label).
+    pub fn attempt_failed(&mut self, upstream: &Arc<str>, model: &str, reason: &'static str) {
         self.events.push(AttemptEvent::Failed {
+            upstream: upstream.clone(),
             model: model.to_owned(),
             reason,
         });

@@ -21,11 +21,15 @@ impl RequestRecord {
     fn record_attempts(&self) {
         for event in &self.events {
             match event {
-                AttemptEvent::Answered { model } => {
-                    metrics::upstream_attempt(&self.config, model, "answered");
+                AttemptEvent::Answered { upstream, model } => {
+                    metrics::upstream_attempt(&self.config, upstream, model, "answered");
                 }
-                AttemptEvent::Failed { model, reason } => {
-                    metrics::upstream_attempt(&self.config, model, reason);
+                AttemptEvent::Failed {
+                    upstream,
+                    model,
+                    reason,
+                } => {
+                    metrics::upstream_attempt(&self.config, upstream, model, reason);
                 }
                 AttemptEvent::Fallback { from, to, reason } => {
                     metrics::fallback(&self.config, from, to, reason);
@@ -78,6 +82,8 @@ impl Drop for RequestRecord {
             caller = self.caller.as_deref().unwrap_or(""),
             requested_model = self.requested_model.as_deref().unwrap_or(""),
             served_model = self.served_model.as_deref().unwrap_or(""),
+            upstream = self.upstream.as_deref().unwrap_or(""),
+            key = self.key.as_deref().unwrap_or(""),
             attempts = self.attempts,
             status,
             response_status = self.status,

@@ -3,6 +3,8 @@
 //! builds and swaps it. Nothing here knows the request pipeline; the pipeline reads a snapshot.
 
 mod live;
+pub mod policy;
+pub mod pool;
 pub mod reload;
 pub mod router;
 pub mod upstreams;

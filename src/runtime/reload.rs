@@ -249,8 +249,8 @@ impl Reloader {
                     ..running.origin.clone()
                 };
                 let upstream = runtime.upstreams.default_upstream();
-                let present = upstream.key.is_some();
-                let source = upstream.key_source.clone();
+                let present = upstream.ready();
+                let source = upstream.key_sources().join(", ");
                 live.store(Arc::new(runtime));
                 self.key_hash = key_hash;
                 self.log.succeeded();

@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use crate::config::{Config, Midstream, RouteConfig};
 use crate::pattern::Pattern;
 
+pub use super::policy::BodyPolicy;
 use super::upstreams::{Upstreams, DEFAULT_UPSTREAM};
 
 pub use crate::config::DEFAULT_ROUTE;
@@ -22,14 +23,16 @@ pub struct Route {
     header_patterns: Vec<(HeaderName, Pattern)>,
     /// The model sent upstream; `None` keeps the requested one untouched.
     pub model: Option<String>,
-    pub fallbacks: Vec<String>,
     /// The attempts in order: the route's model, then its fallbacks.
     steps: Vec<Step>,
+    /// Edits of the JSON body (`set_body`, `default_body`, `unset_body`).
+    pub body_policy: Option<Arc<BodyPolicy>>,
     pub set_headers: Vec<(HeaderName, HeaderValue)>,
     pub remove_headers: Vec<HeaderName>,
     /// `None` when answers on this route are not cached.
     pub cache_ttl: Option<Duration>,
-    pub first_byte_timeout: Duration,
+    /// Overrides the upstreams' `first_byte_timeout` for this route.
+    pub first_byte_timeout: Option<Duration>,
     pub on_midstream: Midstream,
     pub max_concurrent: Option<usize>,
     pub requests_per_minute: Option<u32>,
@@ -59,8 +62,8 @@ pub struct Plan<'a> {
 }
 
 impl Route {
-    /// Compiles a rule the config has validated (header names and values among it).
-    fn compile(config: &RouteConfig, default_timeout: Duration, upstreams: &Upstreams) -> Route {
+    /// Compiles a rule the config has validated (header names, values and upstreams among it).
+    fn compile(config: &RouteConfig, upstreams: &Upstreams) -> Route {
         let header_patterns = config
             .matcher
             .headers
@@ -85,32 +88,34 @@ impl Route {
             .iter()
             .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
-        let upstream = upstreams.index(DEFAULT_UPSTREAM).unwrap_or(0);
-        let steps = match &config.model {
-            Some(model) => std::iter::once(model)
-                .chain(&config.fallbacks)
-                .map(|model| Step {
-                    upstream,
-                    model: Some(model.clone()),
-                })
-                .collect(),
-            None => vec![Step {
-                upstream,
-                model: None,
-            }],
+        let index = |name: Option<&str>| {
+            let name = name
+                .or(config.upstream.as_deref())
+                .unwrap_or(DEFAULT_UPSTREAM);
+            upstreams.index(name).unwrap_or(0)
         };
+        let first = Step {
+            upstream: index(None),
+            model: config.model.clone(),
+        };
+        let steps = std::iter::once(first)
+            .chain(config.fallbacks.iter().map(|fallback| Step {
+                upstream: index(fallback.upstream()),
+                model: Some(fallback.model().to_owned()),
+            }))
+            .collect();
         Route {
             name: Arc::from(config.name.as_str()),
             model_pattern: config.matcher.model.as_deref().map(Pattern::new),
             path_pattern: config.matcher.path.as_deref().map(Pattern::new),
             header_patterns,
             model: config.model.clone(),
-            fallbacks: config.fallbacks.clone(),
             steps,
+            body_policy: BodyPolicy::compile(config).map(Arc::new),
             set_headers,
             remove_headers,
             cache_ttl: config.cache_ttl.filter(|ttl| !ttl.is_zero()),
-            first_byte_timeout: config.first_byte_timeout.unwrap_or(default_timeout),
+            first_byte_timeout: config.first_byte_timeout,
             on_midstream: config.on_midstream,
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
@@ -168,17 +173,20 @@ pub struct Router {
 impl Router {
     /// Compiles the rules of a validated config against its upstream registry.
     pub fn compile(config: &Config, upstreams: &Upstreams) -> Router {
-        let timeout = config.upstream.first_byte_timeout;
         let routes = config
             .routes
             .iter()
-            .map(|route| Route::compile(route, timeout, upstreams))
+            .map(|route| Route::compile(route, upstreams))
             .collect();
         let pass_through = RouteConfig {
             name: DEFAULT_ROUTE.to_owned(),
             matcher: Default::default(),
             model: None,
+            upstream: None,
             fallbacks: Vec::new(),
+            set_body: None,
+            default_body: None,
+            unset_body: Vec::new(),
             cache_ttl: None,
             first_byte_timeout: None,
             set_headers: Default::default(),
@@ -187,7 +195,7 @@ impl Router {
             max_concurrent: None,
             requests_per_minute: None,
         };
-        let default = Route::compile(&pass_through, timeout, upstreams);
+        let default = Route::compile(&pass_through, upstreams);
         Router { routes, default }
     }
 

@@ -1,16 +1,17 @@
 //! The upstream registry: every upstream a route may send attempts to, by name, each with its
-//! pooled client, its base URL, its key and the headers it adds. `[upstream]` is the one named
-//! "default".
+//! pooled client, its endpoints, its key pool and the headers it adds. `[upstream]` is the one
+//! named "default".
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderName, HeaderValue};
 
+use super::pool::{Endpoint, Key, Pick};
 use crate::config::{BaseUrl, Config, UpstreamAuth, UpstreamConfig};
 use crate::upstream::UpstreamClient;
 
-/// The name `[upstream]` goes by in plans, metrics, logs and `x-proxy-upstream`.
-pub const DEFAULT_UPSTREAM: &str = "default";
+pub use crate::config::DEFAULT_UPSTREAM;
 
 /// OpenRouter reads the app's title from `X-OpenRouter-Title`; older deployments send `X-Title`.
 /// Whichever one the config sets is sent under both names.
@@ -19,15 +20,16 @@ const TITLE_HEADERS: [&str; 2] = ["x-title", "x-openrouter-title"];
 /// One upstream, compiled from its config section.
 pub struct Upstream {
     pub name: Arc<str>,
-    pub base_url: BaseUrl,
     pub auth: UpstreamAuth,
-    /// `Bearer <key>`, marked sensitive so it never shows in debug output. `None` when no key is
-    /// configured: an attempt there fails with 503 and `/readyz` reports it.
-    pub key: Option<HeaderValue>,
-    /// Where the key was looked for, for operators (never the key itself).
-    pub key_source: String,
+    /// Where requests go: `base_url`, or each of `endpoints`.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The keys injected in `auth = "inject"` mode: `keys`, or the one key of `api_key_env` /
+    /// `api_key_file`.
+    pub keys: Vec<Key>,
     /// Added to every request sent here.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub first_byte_timeout: Duration,
+    pub stream_idle_timeout: Duration,
     /// The pooled client. Kept across reloads (with its warm connections) unless a setting it was
     /// built with changed.
     pub client: UpstreamClient,
@@ -40,42 +42,86 @@ impl Upstream {
         config: &UpstreamConfig,
         previous: Option<&Upstream>,
     ) -> Result<Upstream, String> {
-        let base_url = BaseUrl::parse(&config.base_url).map_err(|e| format!("base_url: {e}"))?;
+        let urls: Vec<&str> = if config.endpoints.is_empty() {
+            vec![config.base_url.as_str()]
+        } else {
+            config.endpoints.iter().map(String::as_str).collect()
+        };
+        let endpoints = urls
+            .into_iter()
+            .map(|url| BaseUrl::parse(url).map(|base| Arc::new(Endpoint::new(url, base))))
+            .collect::<Result<_, _>>()?;
         let client = match previous {
             Some(previous) if same_transport(&previous.config, config) => previous.client.clone(),
             _ => crate::upstream::client(config)?,
         };
-        let (key, key_source) = read_key(config);
+        let keys = match config.auth {
+            UpstreamAuth::Inject => Key::pool(name, config),
+            UpstreamAuth::Passthrough | UpstreamAuth::None => Vec::new(),
+        };
         Ok(Upstream {
             name: Arc::from(name),
-            base_url,
             auth: config.auth,
-            key,
-            key_source,
+            endpoints,
+            keys,
             headers: headers(config),
+            first_byte_timeout: config.first_byte_timeout,
+            stream_idle_timeout: config.stream_idle_timeout,
             client,
             config: config.clone(),
         })
     }
 
-    /// Where a client path below `/v1` goes on this upstream.
-    pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        self.base_url.join(rest, query)
+    /// Whether requests can be sent here at all: a key to inject, or none needed.
+    pub fn ready(&self) -> bool {
+        self.auth != UpstreamAuth::Inject || self.keys.iter().any(Key::present)
     }
 
-    /// The `Authorization` an attempt here carries: the proxy's key, or in pass-through mode the
-    /// caller's own. `None` when there is none to send.
-    pub fn credentials(&self, callers_key: Option<&HeaderValue>) -> Option<HeaderValue> {
+    /// Where the keys are read from, for operators (never a key).
+    pub fn key_sources(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.source.clone()).collect()
+    }
+
+    /// Chooses an endpoint (least in flight of two random choices among those not ejected) and,
+    /// in inject mode, a key (weighted among those not out), avoiding the ones in `tried`.
+    /// `callers_key` is the credential in pass-through mode. `None` when no key is left.
+    pub fn pick(
+        &self,
+        callers_key: Option<&HeaderValue>,
+        tried: &Tried,
+        now: Instant,
+    ) -> Option<Pick<'_>> {
+        let endpoint = super::pool::choose_endpoint(&self.endpoints, &tried.endpoints, now);
+        let (key, credentials) = match self.auth {
+            UpstreamAuth::Inject => {
+                let key = super::pool::choose_key(&self.keys, &tried.keys, now)?;
+                (Some(key), key.value.clone())
+            }
+            UpstreamAuth::Passthrough => (None, Some(callers_key?.clone())),
+            UpstreamAuth::None => (None, None),
+        };
+        Some(Pick {
+            endpoint,
+            key,
+            credentials,
+        })
+    }
+
+    /// Whether an attempt here has what it needs to be sent (a key, or the caller's own).
+    pub fn reachable(&self, callers_key: Option<&HeaderValue>) -> bool {
         match self.auth {
-            UpstreamAuth::Inject => self.key.clone(),
-            UpstreamAuth::Passthrough => callers_key.cloned(),
+            UpstreamAuth::Inject => self.keys.iter().any(Key::present),
+            UpstreamAuth::Passthrough => callers_key.is_some(),
+            UpstreamAuth::None => true,
         }
     }
+}
 
-    /// Whether a request may be sent here at all (a key to inject, or callers bringing theirs).
-    pub fn ready(&self) -> bool {
-        self.auth == UpstreamAuth::Passthrough || self.key.is_some()
-    }
+/// What one attempt already tried on an upstream (positions in its endpoints and keys).
+#[derive(Debug, Default)]
+pub struct Tried {
+    pub endpoints: Vec<usize>,
+    pub keys: Vec<usize>,
 }
 
 /// Every upstream of one runtime.
@@ -87,10 +133,15 @@ impl Upstreams {
     /// Compiles the upstreams of `config`, reusing the clients of `previous` where their
     /// connection settings did not change.
     pub fn build(config: &Config, previous: Option<&Upstreams>) -> Result<Upstreams, String> {
-        let previous = previous.and_then(|p| p.get(DEFAULT_UPSTREAM));
-        let default = Upstream::build(DEFAULT_UPSTREAM, &config.upstream, previous)
-            .map_err(|e| format!("upstream.{e}"))?;
-        Ok(Upstreams { all: vec![default] })
+        let all = config
+            .all_upstreams()
+            .map(|(name, section)| {
+                let previous = previous.and_then(|p| p.get(name));
+                Upstream::build(name, section, previous)
+                    .map_err(|e| format!("upstream {name}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Upstreams { all })
     }
 
     /// `[upstream]`.
@@ -142,40 +193,4 @@ fn headers(config: &UpstreamConfig) -> Vec<(HeaderName, HeaderValue)> {
         }
     }
     headers
-}
-
-/// Reads the key from `api_key_file` or the environment. A missing key is not a config error: the
-/// proxy starts, reports not-ready, and picks the key up on the next reload.
-fn read_key(config: &UpstreamConfig) -> (Option<HeaderValue>, String) {
-    let (key, source) = match &config.api_key_file {
-        Some(path) => {
-            let source = format!("file {}", path.display());
-            match std::fs::read_to_string(path) {
-                Ok(text) => (Some(text), source),
-                Err(error) => {
-                    tracing::warn!(file = %path.display(), %error, "cannot read the API key file");
-                    (None, source)
-                }
-            }
-        }
-        None => {
-            let name = config.key_env();
-            (
-                std::env::var(name).ok(),
-                format!("environment variable {name}"),
-            )
-        }
-    };
-    let key = key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty());
-    let header = key.and_then(|key| match HeaderValue::from_str(&format!("Bearer {key}")) {
-        Ok(mut value) => {
-            value.set_sensitive(true);
-            Some(value)
-        }
-        Err(_) => {
-            tracing::warn!(source = %source, "the API key contains characters not allowed in a header");
-            None
-        }
-    });
-    (header, source)
 }

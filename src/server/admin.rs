@@ -52,7 +52,11 @@ fn readiness(shared: &Shared) -> Response<ProxyBody> {
     }
     let runtime = shared.runtime.load();
     if let Some(upstream) = runtime.upstreams.iter().find(|u| !u.ready()) {
-        let reason = format!("no API key: nothing found in {}\n", upstream.key_source);
+        let reason = format!(
+            "no API key for upstream {}: nothing found in {}\n",
+            upstream.name,
+            upstream.key_sources().join(", ")
+        );
         return text(StatusCode::SERVICE_UNAVAILABLE, reason);
     }
     text(StatusCode::OK, "ready\n".into())
@@ -74,9 +78,10 @@ fn config_identity(shared: &Shared, reloads: &ReloadLog) -> Response<ProxyBody> 
         "routes": config.routes.iter().map(|route| &route.name).collect::<Vec<_>>(),
         "upstream_headers": config.upstream.headers.keys().collect::<Vec<_>>(),
         "api_key": {
-            "source": runtime.upstreams.default_upstream().key_source,
-            "present": runtime.upstreams.default_upstream().key.is_some(),
+            "source": runtime.upstreams.default_upstream().key_sources().join(", "),
+            "present": runtime.upstreams.default_upstream().ready(),
         },
+        "upstreams": runtime.upstreams.iter().map(describe_upstream).collect::<Vec<_>>(),
     });
     let mut response = text(StatusCode::OK, format!("{body}\n"));
     response.headers_mut().insert(
@@ -84,6 +89,19 @@ fn config_identity(shared: &Shared, reloads: &ReloadLog) -> Response<ProxyBody> 
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+/// An upstream for `/config`: its endpoints and where its keys come from, never a key.
+fn describe_upstream(upstream: &crate::runtime::upstreams::Upstream) -> serde_json::Value {
+    serde_json::json!({
+        "name": &*upstream.name,
+        "endpoints": upstream.endpoints.iter().map(|e| e.url.to_string()).collect::<Vec<_>>(),
+        "keys": upstream.keys.iter().map(|k| serde_json::json!({
+            "name": &*k.name,
+            "source": k.source,
+            "present": k.present(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 fn text(status: StatusCode, body: String) -> Response<ProxyBody> {

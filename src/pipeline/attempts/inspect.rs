@@ -28,6 +28,10 @@ pub(super) struct Answer {
     pub(super) started: Instant,
     /// The position in the plan of the attempt serving.
     pub(super) serving: usize,
+    /// The first-byte budget of the attempt.
+    pub(super) timeout: Duration,
+    /// How long the answer may stay silent once it flows.
+    pub(super) idle: Duration,
 }
 
 /// The body the client gets for an answer whose status is no failure in itself, or the failure
@@ -46,7 +50,7 @@ pub(super) async fn body(
     let success = answer.status.is_success();
     // Compressed bytes cannot be read as events or JSON, and nothing may be added to them.
     if compressed(headers) {
-        return Ok(untouched(out, body));
+        return Ok(untouched(&answer, body));
     }
     if success && content_type.starts_with("text/event-stream") {
         return stream(out, &answer, body).await;
@@ -57,17 +61,17 @@ pub(super) async fn body(
     if content_type.starts_with("application/json") && (success || transient_possible) {
         return json(out, &answer, headers, body, record).await;
     }
-    Ok(untouched(out, body))
+    Ok(untouched(&answer, body))
 }
 
-fn untouched(out: &Outbound<'_>, body: Incoming) -> ProxyBody {
-    let idle = out.runtime.config.upstream.stream_idle_timeout;
+fn untouched(answer: &Answer, body: Incoming) -> ProxyBody {
+    let idle = answer.idle;
     ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle))
 }
 
 /// An event stream, held back until its first content when a fallback is possible.
 async fn stream(out: &Outbound<'_>, answer: &Answer, body: Incoming) -> Result<ProxyBody, Failure> {
-    let timeout = out.route.first_byte_timeout;
+    let timeout = answer.timeout;
     // Resuming appends the partial answer as an assistant message: chat streams only.
     let resumable = out.route.on_midstream == Midstream::Resume
         && out.json.is_some()
@@ -80,7 +84,7 @@ async fn stream(out: &Outbound<'_>, answer: &Answer, body: Incoming) -> Result<P
     };
     // A requested stream promises the event that completes it in its shape.
     let expect_done = out.json.as_ref().is_some_and(|j| j.stream);
-    let idle = out.runtime.config.upstream.stream_idle_timeout;
+    let idle = answer.idle;
     let mut relay = Relay::new(body, held, Some(scanner), idle).expect_done(expect_done);
     if resumable {
         if let Some(continuation) = Continuation::new(out, answer.serving) {
@@ -98,14 +102,13 @@ async fn json(
     body: Incoming,
     record: &mut RequestRecord,
 ) -> Result<ProxyBody, Failure> {
-    let timeout = out.route.first_byte_timeout;
+    let timeout = answer.timeout;
     let limit = out.runtime.config.fallback.max_inspect_bytes;
     let deadline = answer.started + timeout;
     let bytes = match read_bounded(body, limit, deadline, timeout).await? {
         Bounded::Complete(bytes) => bytes,
         Bounded::TooLarge(held, body) => {
-            let idle = out.runtime.config.upstream.stream_idle_timeout;
-            return Ok(ProxyBody::relay(Relay::new(body, held, None, idle)));
+            return Ok(ProxyBody::relay(Relay::new(body, held, None, answer.idle)));
         }
     };
     let success = answer.status.is_success();

@@ -15,15 +15,16 @@ use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 
 use super::body::JsonBody;
-use super::headers::{set_text, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
+use super::headers::{set_text, X_PROXY_ATTEMPTS, X_PROXY_MODEL, X_PROXY_UPSTREAM};
 use super::intake::Upload;
 use super::relay::ProxyBody;
 use super::Shared;
 use crate::error::{AttemptNote, ProxyError};
-use crate::health::Policy;
+use crate::health::{Policy, Target};
 use crate::record::RequestRecord;
+use crate::runtime::pool::Endpoint;
 use crate::runtime::router::{Attempt, Route};
-use crate::runtime::upstreams::Upstream;
+use crate::runtime::upstreams::{Tried, Upstream};
 use crate::runtime::Runtime;
 use crate::shape::Shape;
 use crate::upstream::OutBody;
@@ -47,6 +48,8 @@ pub(crate) struct Outbound<'a> {
     pub(crate) json: Option<JsonBody>,
     /// A body streamed through as the client sends it: it can be sent once only.
     pub(crate) upload: Mutex<Option<Box<Upload>>>,
+    /// The body is such an upload.
+    pub(crate) streamed: bool,
     /// How answers look: what completes a stream, what is an error.
     pub(crate) shape: Shape,
     /// More than one attempt may answer: failures are inspected and fall back.
@@ -54,33 +57,53 @@ pub(crate) struct Outbound<'a> {
 }
 
 impl Outbound<'_> {
-    fn body_for(&self, model: Option<&str>) -> OutBody {
-        let upload = self.upload.lock().ok().and_then(|mut slot| slot.take());
-        if let Some(upload) = upload {
-            return OutBody::Stream(Box::pin(*upload));
+    /// The body of an attempt on `model`: the model rewritten, the route's body policy applied.
+    /// `None` once a streamed upload was sent (it cannot be sent twice).
+    fn body_for(&self, model: Option<&str>) -> Option<OutBody> {
+        if self.streamed {
+            let upload = self.upload.lock().ok()?.take()?;
+            return Some(OutBody::Stream(Box::pin(*upload)));
         }
-        match (model, &self.json) {
-            (Some(model), Some(json)) => json.with_model(model).into(),
-            _ => self.bytes.clone().into(),
-        }
+        let Some(json) = &self.json else {
+            return Some(self.bytes.clone().into());
+        };
+        let body = match model {
+            Some(model) => json.with_model(model),
+            None => json.bytes.clone(),
+        };
+        let patched = self.route.body_policy.as_ref().and_then(|p| p.apply(&body));
+        Some(patched.unwrap_or(body).into())
     }
 
-    /// Where an attempt on `upstream` goes, and with which headers (its key included).
-    fn target(&self, upstream: &Upstream) -> Result<(Uri, HeaderMap), Failure> {
-        let credentials = upstream
-            .credentials(self.callers_key.as_ref())
-            .ok_or_else(|| Failure::new(Reason::Transport, "no key for this upstream".into()))?;
-        let uri = upstream
-            .uri(self.rest, self.query)
+    /// Whether the body can be sent again (to another endpoint, with another key).
+    fn replayable(&self) -> bool {
+        !self.streamed
+    }
+
+    /// The request of one try on `upstream`: the endpoint's URI, the headers with `credentials`.
+    fn request(
+        &self,
+        upstream: &Upstream,
+        endpoint: &Endpoint,
+        credentials: Option<&HeaderValue>,
+        body: OutBody,
+    ) -> Result<Request<OutBody>, Failure> {
+        let uri = endpoint
+            .base
+            .join(self.rest, self.query)
             .map_err(|e| Failure::new(Reason::Transport, e.to_string()))?;
-        let headers =
-            super::headers::for_attempt(&self.headers, upstream, self.route, &credentials);
-        Ok((uri, headers))
+        let headers = super::headers::for_attempt(&self.headers, upstream, self.route, credentials);
+        Ok(upstream_request(&self.method, uri, headers, body))
     }
 
-    fn request(&self, upstream: &Upstream, body: OutBody) -> Result<Request<OutBody>, Failure> {
-        let (uri, headers) = self.target(upstream)?;
-        Ok(upstream_request(&self.method, uri, headers, body))
+    /// Where a later request on `upstream` goes (an endpoint and key chosen now), for resuming.
+    fn prepare(&self, upstream: &Upstream) -> Option<(Uri, HeaderMap)> {
+        let pick = upstream.pick(self.callers_key.as_ref(), &Tried::default(), Instant::now())?;
+        let endpoint = &upstream.endpoints[pick.endpoint];
+        let uri = endpoint.base.join(self.rest, self.query).ok()?;
+        let credentials = pick.credentials.as_ref();
+        let headers = super::headers::for_attempt(&self.headers, upstream, self.route, credentials);
+        Some((uri, headers))
     }
 
     /// Statuses another attempt may make up for: 408, 429, `fallback.on_status`, and on the
@@ -138,8 +161,17 @@ pub(crate) async fn run_chain(
     };
     while chain.index < out.attempts.len() && chain.tried < max_attempts {
         let label = label_of(chain.index);
+        let upstream = &out
+            .runtime
+            .upstreams
+            .at(out.attempts[chain.index].upstream)
+            .name;
+        let target = Target {
+            upstream,
+            model: label,
+        };
         let untried_last = chain.tried == 0 && chain.index + 1 == out.attempts.len();
-        if !untried_last && shared.health.should_skip(label, Instant::now(), policy) {
+        if !untried_last && shared.health.should_skip(target, Instant::now(), policy) {
             // Cooling down after repeated failures; the last attempt is made anyway rather than
             // failing the request without a single one.
             chain.notes.push(AttemptNote::skipped(label));
@@ -154,12 +186,15 @@ pub(crate) async fn run_chain(
         let model = out.attempts[chain.index].model.or(requested_model);
         match send::attempt(out, chain.index, record).await {
             Ok(mut response) => {
-                record.attempt_answered(label);
-                shared.health.record_success(label);
+                record.attempt_answered(upstream, label);
+                shared.health.record_success(target);
                 record.served_model = model.map(str::to_owned);
+                record.upstream = Some(upstream.clone());
+                let headers = response.headers_mut();
                 if let Some(model) = model {
-                    set_text(response.headers_mut(), &X_PROXY_MODEL, model);
+                    set_text(headers, &X_PROXY_MODEL, model);
                 }
+                set_text(headers, &X_PROXY_UPSTREAM, upstream);
                 let tried = HeaderValue::from(chain.tried);
                 response
                     .headers_mut()
@@ -167,7 +202,8 @@ pub(crate) async fn run_chain(
                 return Ok(response);
             }
             Err(failure) => {
-                shared.health.record_failure(label, Instant::now(), policy);
+                shared.health.record_failure(target, Instant::now(), policy);
+                record.attempt_failed(upstream, label, failure.reason.label());
                 if let Some(wait) = chain.failed(out, failure, label, record) {
                     tokio::time::sleep(wait).await;
                     continue;
@@ -192,7 +228,6 @@ impl Chain {
         label: &str,
         record: &mut RequestRecord,
     ) -> Option<Duration> {
-        record.attempt_failed(label, failure.reason.label());
         tracing::warn!(
             request_id = %record.request_id,
             model = label,

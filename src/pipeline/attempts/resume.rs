@@ -41,7 +41,7 @@ impl Continuation {
             .iter()
             .filter_map(|attempt| {
                 let upstream = out.runtime.upstreams.at(attempt.upstream);
-                let (uri, headers) = out.target(upstream).ok()?;
+                let (uri, headers) = out.prepare(upstream)?;
                 Some(Prepared {
                     client: upstream.client.clone(),
                     uri,
@@ -54,7 +54,10 @@ impl Continuation {
             method: out.method.clone(),
             body,
             left: Arc::new(Mutex::new(left)),
-            timeout: out.route.first_byte_timeout,
+            timeout: out
+                .route
+                .first_byte_timeout
+                .unwrap_or_else(|| out.runtime.upstreams.default_upstream().first_byte_timeout),
         })
     }
 }

@@ -13,6 +13,8 @@ use crate::error::ProxyError;
 use crate::pipeline::headers::strip_hop_by_hop;
 use crate::pipeline::relay::ProxyBody;
 use crate::record::RequestRecord;
+use crate::runtime::pool::{self, EndpointLoad};
+use crate::runtime::upstreams::{Tried, Upstream};
 use crate::upstream::{OutBody, UpstreamClient};
 
 /// Why an attempt did not produce an answer for the client.
@@ -27,6 +29,8 @@ pub(crate) enum Reason {
     /// The stream ended or broke before any content.
     StreamFailed,
     Transport,
+    /// Every key of the upstream is out of rotation.
+    NoKey,
 }
 
 impl Reason {
@@ -42,6 +46,7 @@ impl Reason {
             Reason::Unavailable => "unavailable",
             Reason::StreamFailed => "stream_failed",
             Reason::Transport => "upstream_error",
+            Reason::NoKey => "no_key",
         }
     }
 }
@@ -110,12 +115,13 @@ pub(crate) async fn attempt(
     record: &mut RequestRecord,
 ) -> Result<Response<ProxyBody>, Failure> {
     let planned = out.attempts[position];
-    let started = Instant::now();
-    let timeout = out.route.first_byte_timeout;
     let upstream = out.runtime.upstreams.at(planned.upstream);
-    let request = out.request(upstream, out.body_for(planned.model))?;
-    record.mark_dispatched();
-    let response = send(&upstream.client, request, timeout).await?;
+    let timeout = out
+        .route
+        .first_byte_timeout
+        .unwrap_or(upstream.first_byte_timeout);
+    let started = Instant::now();
+    let (response, in_flight) = dispatch(out, upstream, planned.model, timeout, record).await?;
     let status = response.status();
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -134,9 +140,93 @@ pub(crate) async fn attempt(
         status,
         started,
         serving: position,
+        timeout,
+        idle: upstream.stream_idle_timeout,
     };
     let body = inspect::body(out, answer, &mut parts.headers, body, record).await?;
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(parts, body.holding(in_flight)))
+}
+
+/// Sends one attempt on `upstream`: to an endpoint of its (a failed connection is tried again on
+/// another endpoint), with a key of its pool (a key refused, out of credit or rate limited is
+/// taken out and the request sent again with another key). Neither counts as a fallback.
+async fn dispatch(
+    out: &Outbound<'_>,
+    upstream: &Upstream,
+    model: Option<&str>,
+    timeout: Duration,
+    record: &mut RequestRecord,
+) -> Result<(Response<Incoming>, EndpointLoad), Failure> {
+    let cooldown = out.runtime.config.fallback.cooldown;
+    let mut tried = Tried::default();
+    loop {
+        let now = Instant::now();
+        let pick = upstream
+            .pick(out.callers_key.as_ref(), &tried, now)
+            .ok_or_else(|| {
+                Failure::new(
+                    Reason::NoKey,
+                    "no key of this upstream is in rotation".into(),
+                )
+            })?;
+        let body = out
+            .body_for(model)
+            .ok_or_else(|| Failure::new(Reason::Transport, "the upload was already sent".into()))?;
+        let endpoint = upstream.endpoints[pick.endpoint].clone();
+        let request = out.request(upstream, &endpoint, pick.credentials.as_ref(), body)?;
+        record.mark_dispatched();
+        let load = EndpointLoad::begin(endpoint.clone());
+        let response = match send(&upstream.client, request, timeout).await {
+            Err(failure) if matches!(failure.reason, Reason::Connect | Reason::Transport) => {
+                endpoint.eject(cooldown, &upstream.name);
+                tried.endpoints.push(pick.endpoint);
+                let another = tried.endpoints.len() < upstream.endpoints.len();
+                if another && out.replayable() {
+                    continue;
+                }
+                return Err(failure);
+            }
+            Err(failure) => return Err(failure),
+            Ok(response) => response,
+        };
+        let status = response.status().as_u16();
+        if let Some(key) = pick.key {
+            record.key = Some(key.name.clone());
+            // A pool moves on to another key; a single key has nowhere to go and stays.
+            if let Some(why) = refused(status).filter(|_| upstream.keys.len() > 1) {
+                let wait = retry_after(response.headers());
+                match (status, wait) {
+                    (429, Some(wait)) => key.take_out(wait.min(cooldown), why),
+                    (429, None) => {}
+                    _ => key.take_out(cooldown, why),
+                }
+                tried.keys.extend(pool::position(&upstream.keys, key));
+                let another = pool::choose_key(&upstream.keys, &tried.keys, now).is_some();
+                if another && out.replayable() {
+                    continue;
+                }
+            } else if status < 400 {
+                key.accepted();
+            }
+        }
+        if status >= 500 {
+            endpoint.eject(cooldown, &upstream.name);
+        } else {
+            endpoint.healthy(&upstream.name);
+        }
+        return Ok((response, load));
+    }
+}
+
+/// Why a key is taken out of rotation after an answer with `status`.
+fn refused(status: u16) -> Option<&'static str> {
+    match status {
+        401 => Some("rejected (401)"),
+        402 => Some("out of credit (402)"),
+        403 => Some("forbidden (403)"),
+        429 => Some("rate limited (429)"),
+        _ => None,
+    }
 }
 
 /// The start of a failed answer's error message, for the attempt summary: bounded in size and
