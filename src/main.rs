@@ -11,10 +11,14 @@ use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
 usage: openrouter-proxy [--config PATH] [--check] [--no-watch]
+       openrouter-proxy explain [--config PATH] [--model NAME] [--path /v1/...] [--header K=V]...
        openrouter-proxy --hash-token < token-file
 
   --config PATH   the proxy.toml to load (default: proxy.toml)
   --check         validate the config and exit (0 valid, 1 invalid)
+  explain         print the plan a request would get (route, attempts as upstream / model,
+                  headers set and removed, body policy, cache, limits) and exit; 1 when the
+                  config is invalid. --path defaults to /v1/chat/completions
   --no-watch      reload the config only on SIGHUP, not when its file changes
   --hash-token    print the sha256 of the token read from standard input, for
                   [[server.tokens]] (the token itself is never stored)
@@ -80,7 +84,55 @@ fn parse_args() -> Result<Option<Args>, String> {
     Ok(Some(args))
 }
 
+/// `openrouter-proxy explain ...`: prints the plan and exits.
+fn explain(args: impl Iterator<Item = String>) -> ExitCode {
+    let mut config = PathBuf::from("proxy.toml");
+    let mut question = openrouter_proxy::explain::Question {
+        model: None,
+        path: "/v1/chat/completions".to_owned(),
+        headers: Vec::new(),
+    };
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let value = args.next();
+        match (arg.as_str(), value) {
+            ("--config" | "-c", Some(value)) => config = value.into(),
+            ("--model", Some(value)) => question.model = Some(value),
+            ("--path", Some(value)) => question.path = value,
+            ("--header", Some(value)) => match value.split_once('=') {
+                Some((name, value)) => question.headers.push((name.into(), value.into())),
+                None => return usage_error(&format!("--header needs NAME=VALUE, got \"{value}\"")),
+            },
+            (other, _) => {
+                return usage_error(&format!(
+                    "explain: unknown or incomplete argument \"{other}\""
+                ))
+            }
+        }
+    }
+    let loaded = Config::load(&config).map_err(|e| format!("invalid config: {e}"));
+    match loaded.and_then(|c| openrouter_proxy::explain::explain(c, &question)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("openrouter-proxy: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("openrouter-proxy: {message}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().map(String::as_str) == Some("explain") {
+        return explain(argv.skip(1));
+    }
     let args = match parse_args() {
         Ok(Some(args)) => args,
         Ok(None) => return ExitCode::SUCCESS,

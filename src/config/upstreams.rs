@@ -43,6 +43,16 @@ impl Config {
         Ok(())
     }
 
+    /// Every file a key is read from, in every upstream.
+    pub fn key_files(&self) -> Vec<&std::path::Path> {
+        self.all_upstreams()
+            .flat_map(|(_, u)| {
+                let pool = u.keys.iter().filter_map(|k| k.file.as_deref());
+                u.api_key_file.as_deref().into_iter().chain(pool)
+            })
+            .collect()
+    }
+
     /// Whether `name` is an upstream of this config.
     pub fn has_upstream(&self, name: &str) -> bool {
         name == DEFAULT_UPSTREAM || self.upstreams.contains_key(name)

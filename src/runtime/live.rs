@@ -173,12 +173,23 @@ pub(super) fn parse(path: &Path, bytes: Vec<u8>) -> Result<Config, ConfigError> 
     Config::parse(&text).map_err(|error| error.in_file(path))
 }
 
-/// The hash of the API key file's bytes (`None` when the key comes from the environment or the
-/// file cannot be read), so a reload can tell that the key rotated. Read *before* the runtime is
-/// built: a rotation racing the build is then seen as a change by the next event.
+/// A hash over the bytes of every key file (`None` when every key comes from the environment),
+/// so a reload can tell that a key rotated. Read *before* the runtime is built: a rotation racing
+/// the build is then seen as a change by the next event.
 pub(super) fn key_hash(config: &Config) -> Option<String> {
-    let path = config.upstream.api_key_file.as_ref()?;
-    std::fs::read(path).ok().map(|bytes| content_hash(&bytes))
+    let files = config.key_files();
+    if files.is_empty() {
+        return None;
+    }
+    let mut all = Vec::new();
+    for path in files {
+        // An unreadable file hashes differently from any content, and from a readable one.
+        match std::fs::read(path) {
+            Ok(bytes) => all.extend_from_slice(content_hash(&bytes).as_bytes()),
+            Err(_) => all.extend_from_slice(b"-"),
+        }
+    }
+    Some(content_hash(&all))
 }
 
 /// Settings baked into listeners, the accept loop, the logger or the cache at start-up. A reload

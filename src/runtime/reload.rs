@@ -262,22 +262,19 @@ impl Reloader {
     }
 
     /// Points the watches at the directories of the config file and of the running config's key
-    /// file, which a reload may have moved.
+    /// files, which a reload may have moved.
     fn follow(&mut self, config: &Config) {
-        let key_file = config.upstream.api_key_file.as_deref();
-        self.names = [Some(self.path.as_path()), key_file]
-            .into_iter()
-            .flatten()
+        let files: Vec<&Path> = std::iter::once(self.path.as_path())
+            .chain(config.key_files())
+            .collect();
+        self.names = files
+            .iter()
             .filter_map(|path| path.file_name().map(OsString::from))
             .collect();
         let Some(watcher) = self.watcher.as_mut() else {
             return;
         };
-        let wanted: BTreeSet<PathBuf> = [Some(self.path.as_path()), key_file]
-            .into_iter()
-            .flatten()
-            .map(watch_dir)
-            .collect();
+        let wanted: BTreeSet<PathBuf> = files.iter().map(|path| watch_dir(path)).collect();
         for dir in self.watched.difference(&wanted) {
             if let Err(error) = watcher.unwatch(dir) {
                 tracing::debug!(dir = %dir.display(), %error, "cannot stop watching");
