@@ -6,7 +6,7 @@ use std::fmt::Write;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Config;
-use crate::runtime::router::RequestFacts;
+use crate::runtime::router::{Plan, RequestFacts};
 use crate::runtime::Runtime;
 
 /// The request an explanation is asked for.
@@ -60,33 +60,7 @@ pub fn explain(config: Config, question: &Question) -> Result<String, String> {
             route.name
         ),
     };
-    let _ = writeln!(out, "attempts:");
-    for (i, attempt) in plan.attempts.iter().enumerate() {
-        let upstream = runtime.upstreams.at(attempt.upstream);
-        let model = attempt
-            .model
-            .or(question.model.as_deref())
-            .unwrap_or("(the requested model)");
-        let urls: Vec<&str> = upstream.endpoints.iter().map(|e| &*e.url).collect();
-        let keys: Vec<&str> = upstream.keys.iter().map(|k| &*k.name).collect();
-        let timeout = route
-            .first_byte_timeout
-            .unwrap_or(upstream.first_byte_timeout);
-        let _ = writeln!(
-            out,
-            "  {}. {} / {}  [{}; keys: {}; first byte within {}]",
-            i + 1,
-            upstream.name,
-            model,
-            urls.join(", "),
-            if keys.is_empty() {
-                "none".to_owned()
-            } else {
-                keys.join(", ")
-            },
-            humantime::format_duration(timeout)
-        );
-    }
+    write_attempts(&mut out, &runtime, &plan, question.model.as_deref());
     let names = |list: Vec<&str>| {
         if list.is_empty() {
             "none".to_owned()
@@ -118,4 +92,35 @@ pub fn explain(config: Config, question: &Question) -> Result<String, String> {
         limit(route.requests_per_minute.map(|n| n.to_string()))
     );
     Ok(out)
+}
+
+fn write_attempts(out: &mut String, runtime: &Runtime, plan: &Plan<'_>, requested: Option<&str>) {
+    let route = plan.route;
+    let _ = writeln!(out, "attempts:");
+    for (i, attempt) in plan.attempts.iter().enumerate() {
+        let upstream = runtime.upstreams.at(attempt.upstream);
+        let model = attempt
+            .model
+            .or(requested)
+            .unwrap_or("(the requested model)");
+        let urls: Vec<&str> = upstream.endpoints.iter().map(|e| &*e.url).collect();
+        let keys: Vec<&str> = upstream.keys.iter().map(|k| &*k.name).collect();
+        let timeout = route
+            .first_byte_timeout
+            .unwrap_or(upstream.first_byte_timeout);
+        let _ = writeln!(
+            out,
+            "  {}. {} / {}  [{}; keys: {}; first byte within {}]",
+            i + 1,
+            upstream.name,
+            model,
+            urls.join(", "),
+            if keys.is_empty() {
+                "none".to_owned()
+            } else {
+                keys.join(", ")
+            },
+            humantime::format_duration(timeout)
+        );
+    }
 }
