@@ -23,6 +23,7 @@ pub mod router;
 pub mod server;
 pub mod shape;
 pub mod sse;
+pub mod telemetry;
 pub mod upstream;
 
 use std::future::Future;

@@ -9,10 +9,12 @@ use serde::{Deserialize, Deserializer};
 
 mod base_url;
 mod error;
+mod otel;
 mod validate;
 
 pub use base_url::BaseUrl;
 pub use error::{ConfigError, Invalid, KeyPath};
+pub use otel::OtelConfig;
 pub use validate::validate_tokens;
 
 /// The whole `proxy.toml`, validated.
@@ -26,6 +28,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+    /// Traces; absent, no tracing work at all.
+    pub otel: Option<OtelConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
