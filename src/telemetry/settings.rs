@@ -128,6 +128,14 @@ mod tests {
             .map(|value| value.to_string())
     }
 
+    /// Resolves and checks the URL and service name; returns the settings for more checks.
+    fn expect(config: &OtelConfig, vars: &[(&str, &str)], url: &str, name: &str) -> Settings {
+        let settings = resolve(config, vars).unwrap();
+        assert_eq!(settings.traces_url, url, "{vars:?}");
+        assert_eq!(attribute(&settings, SERVICE_NAME).as_deref(), Some(name));
+        settings
+    }
+
     #[test]
     fn config_alone_gives_its_endpoint_and_name() {
         let config = OtelConfig {
@@ -135,12 +143,8 @@ mod tests {
             service_name: "gateway".into(),
             ..OtelConfig::default()
         };
-        let settings = resolve(&config, &[]).unwrap();
-        assert_eq!(settings.traces_url, "http://otel-collector:4318/v1/traces");
-        assert_eq!(
-            attribute(&settings, SERVICE_NAME).as_deref(),
-            Some("gateway")
-        );
+        let url = "http://otel-collector:4318/v1/traces";
+        let settings = expect(&config, &[], url, "gateway");
         assert!(attribute(&settings, "telemetry.sdk.name").is_some());
         assert!(attribute(&settings, SERVICE_VERSION).is_some());
     }
@@ -151,57 +155,40 @@ mod tests {
             endpoint: "http://from-config:4318".into(),
             ..OtelConfig::default()
         };
-        let settings = resolve(
-            &config,
-            &[
-                (ENDPOINT, "https://from-env:4318/otlp"),
-                (SERVICE_NAME_VAR, "env-name"),
-                (
-                    RESOURCE_ATTRIBUTES,
-                    "service.name=attr-name,team=ml%20platform",
-                ),
-            ],
-        )
-        .unwrap();
-        assert_eq!(settings.traces_url, "https://from-env:4318/otlp/v1/traces");
-        assert_eq!(
-            attribute(&settings, SERVICE_NAME).as_deref(),
-            Some("env-name")
-        );
+        let vars = [
+            (ENDPOINT, "https://from-env:4318/otlp"),
+            (SERVICE_NAME_VAR, "env-name"),
+            (
+                RESOURCE_ATTRIBUTES,
+                "service.name=attr-name,team=ml%20platform",
+            ),
+        ];
+        let url = "https://from-env:4318/otlp/v1/traces";
+        let settings = expect(&config, &vars, url, "env-name");
         assert_eq!(attribute(&settings, "team").as_deref(), Some("ml platform"));
 
-        let settings = resolve(
+        let vars = [
+            (ENDPOINT, "http://ignored:4318"),
+            (TRACES_ENDPOINT, "http://traces:9999/custom/path"),
+            (RESOURCE_ATTRIBUTES, "service.name=attr-name"),
+        ];
+        expect(
             &config,
-            &[
-                (ENDPOINT, "http://ignored:4318"),
-                (TRACES_ENDPOINT, "http://traces:9999/custom/path"),
-                (RESOURCE_ATTRIBUTES, "service.name=attr-name"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(settings.traces_url, "http://traces:9999/custom/path");
-        assert_eq!(
-            attribute(&settings, SERVICE_NAME).as_deref(),
-            Some("attr-name")
+            &vars,
+            "http://traces:9999/custom/path",
+            "attr-name",
         );
     }
 
     #[test]
     fn empty_variables_count_as_unset() {
-        let settings = resolve(
-            &OtelConfig::default(),
-            &[
-                (ENDPOINT, " "),
-                (SERVICE_NAME_VAR, ""),
-                (TRACES_ENDPOINT, ""),
-            ],
-        )
-        .unwrap();
-        assert_eq!(settings.traces_url, "http://localhost:4318/v1/traces");
-        assert_eq!(
-            attribute(&settings, SERVICE_NAME).as_deref(),
-            Some("openrouter-proxy")
-        );
+        let vars = [
+            (ENDPOINT, " "),
+            (SERVICE_NAME_VAR, ""),
+            (TRACES_ENDPOINT, ""),
+        ];
+        let url = "http://localhost:4318/v1/traces";
+        expect(&OtelConfig::default(), &vars, url, "openrouter-proxy");
     }
 
     #[test]
