@@ -152,13 +152,16 @@ impl super::Telemetry {
         let started = SystemTime::now()
             .checked_sub(inbound.received.elapsed())
             .unwrap_or_else(SystemTime::now);
-        let span = tracing
+        let mut span = tracing
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Server)
             .with_start_time(started)
-            .with_attributes(request_attributes(inbound))
             .start_with_context(&tracing.tracer, &parent);
+        // Our samplers read no attributes; a span not sampled never builds them.
+        if span.is_recording() {
+            span.set_attributes(request_attributes(inbound));
+        }
         RequestSpan(Some(Box::new(LiveRequest {
             span: Live {
                 span,
@@ -300,30 +303,14 @@ impl RequestSpan {
         };
         live.attempts += 1;
         let tracing = &live.span.tracing;
-        let mut attributes = vec![
-            KeyValue::new(semconv::GEN_AI_OPERATION_NAME, live.operation.clone()),
-            KeyValue::new(semconv::GEN_AI_PROVIDER_NAME, facts.provider.to_owned()),
-            KeyValue::new(semconv::GEN_AI_REQUEST_MODEL, facts.model.to_owned()),
-            KeyValue::new(UPSTREAM, facts.upstream.to_owned()),
-            KeyValue::new(ATTEMPT, i64::from(live.attempts)),
-        ];
-        if let Some(host) = facts.uri.host() {
-            attributes.push(KeyValue::new(semconv::SERVER_ADDRESS, host.to_owned()));
-            let port = facts.uri.port_u16().or(match facts.uri.scheme_str() {
-                Some("https") => Some(443),
-                Some("http") => Some(80),
-                _ => None,
-            });
-            if let Some(port) = port {
-                attributes.push(KeyValue::new(semconv::SERVER_PORT, i64::from(port)));
-            }
-        }
-        let span = tracing
+        let mut span = tracing
             .tracer
             .span_builder(format!("{} {}", live.operation, facts.model))
             .with_kind(SpanKind::Client)
-            .with_attributes(attributes)
             .start_with_context(&tracing.tracer, &live.span.context());
+        if span.is_recording() {
+            span.set_attributes(attempt_attributes(&live.operation, live.attempts, facts));
+        }
         AttemptSpan(Some(Box::new(Live {
             span,
             tracing: tracing.clone(),
@@ -381,6 +368,28 @@ impl RequestSpan {
         }
         span.end();
     }
+}
+
+fn attempt_attributes(operation: &str, number: u32, facts: &AttemptFacts<'_>) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        KeyValue::new(semconv::GEN_AI_OPERATION_NAME, operation.to_owned()),
+        KeyValue::new(semconv::GEN_AI_PROVIDER_NAME, facts.provider.to_owned()),
+        KeyValue::new(semconv::GEN_AI_REQUEST_MODEL, facts.model.to_owned()),
+        KeyValue::new(UPSTREAM, facts.upstream.to_owned()),
+        KeyValue::new(ATTEMPT, i64::from(number)),
+    ];
+    if let Some(host) = facts.uri.host() {
+        attributes.push(KeyValue::new(semconv::SERVER_ADDRESS, host.to_owned()));
+        let port = facts.uri.port_u16().or(match facts.uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        if let Some(port) = port {
+            attributes.push(KeyValue::new(semconv::SERVER_PORT, i64::from(port)));
+        }
+    }
+    attributes
 }
 
 fn owned(value: Option<&str>) -> Option<String> {
