@@ -35,8 +35,8 @@ pub struct OtelConfig {
     /// Longest wait between two exports while spans are queued.
     #[serde(with = "super::humantime_serde")]
     pub export_interval: Duration,
-    /// Bound on one export, retries included; a batch not accepted by then is dropped and
-    /// counted.
+    /// Bound on each export request; a failed one is retried with backoff until this long after
+    /// the first. A batch not accepted by then is dropped and counted.
     #[serde(with = "super::humantime_serde")]
     pub export_timeout: Duration,
 }

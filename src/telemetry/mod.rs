@@ -89,7 +89,10 @@ impl Telemetry {
              or the export queue was full."
         );
         metrics::counter!(SPANS_DROPPED).increment(0);
-        tracing::info!(endpoint = %settings.traces_url, "traces are exported over OTLP/HTTP");
+        // The host only: a collector's path may carry a tenant token.
+        let collector = settings.traces_url.parse::<http::Uri>().ok();
+        let host = collector.as_ref().and_then(http::Uri::authority);
+        tracing::info!(collector = ?host.map(|a| a.as_str()), "traces are exported over OTLP/HTTP");
         Ok(Telemetry(Some(Arc::new(Tracing {
             tracer: provider.tracer_with_scope(scope),
             provider,
