@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod server;
 pub mod shape;
 pub mod sse;
+pub mod telemetry;
 pub mod upstream;
 
 use std::future::Future;

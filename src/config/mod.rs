@@ -9,11 +9,13 @@ use serde::{Deserialize, Deserializer};
 
 mod base_url;
 mod error;
+mod otel;
 mod upstreams;
 mod validate;
 
 pub use base_url::BaseUrl;
 pub use error::{ConfigError, Invalid, KeyPath};
+pub use otel::OtelConfig;
 pub use validate::validate_tokens;
 
 /// The route name reported for requests that no rule matched.
@@ -37,6 +39,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+    /// Traces; absent, no tracing work at all.
+    pub otel: Option<OtelConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -37,6 +37,9 @@ impl Config {
                 ),
             ));
         }
+        self.otel
+            .as_ref()
+            .map_or(Ok(()), super::OtelConfig::validate)?;
         let mut names = HashSet::new();
         for (i, route) in self.routes.iter().enumerate() {
             let at = KeyPath::new("routes").index(i);
