@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod record;
+pub mod redis;
 pub mod relay;
 pub mod reload;
 pub mod router;

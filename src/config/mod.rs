@@ -9,10 +9,12 @@ use serde::{Deserialize, Deserializer};
 
 mod base_url;
 mod error;
+mod redis;
 mod validate;
 
 pub use base_url::BaseUrl;
 pub use error::{ConfigError, Invalid, KeyPath};
+pub use redis::{check_url, BudgetConfig, CacheTier2, RedisConfig, RedisUrlSource};
 pub use validate::validate_tokens;
 
 /// The whole `proxy.toml`, validated.
@@ -26,6 +28,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -102,6 +105,7 @@ pub struct TokenConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate of this token (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+    pub budget: Option<BudgetConfig>,
 }
 
 /// The contents of `server.token_file`.
@@ -239,6 +243,7 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// Answers larger than this are not stored.
     pub max_entry_bytes: usize,
+    pub tier2: Option<CacheTier2>,
 }
 
 impl Default for CacheConfig {
@@ -246,6 +251,7 @@ impl Default for CacheConfig {
         Self {
             max_bytes: 256 * 1024 * 1024,
             max_entry_bytes: 4 * 1024 * 1024,
+            tier2: None,
         }
     }
 }
@@ -320,6 +326,7 @@ pub struct RouteConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate on this route (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+    pub budget: Option<BudgetConfig>,
 }
 
 /// The answer to a stream that breaks after content has reached the client.

@@ -1,0 +1,305 @@
+//! The connection to Redis: a few reconnecting multiplexed connections, every call bounded by
+//! `op_timeout`, and the up/down state that lets the proxy serve without Redis and find it again.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{RedisError, RedisResult};
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::config::{check_url, RedisConfig, RedisUrlSource};
+
+/// Bound on one connection attempt (TCP, TLS, AUTH); it runs in the background, never on a
+/// request, so it may be longer than `op_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on a health probe's PING.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Probes while Redis is down start this far apart and back off to `PROBE_MAX`, which keeps
+/// recovery well within ten seconds of Redis coming back.
+const PROBE_MIN: Duration = Duration::from_millis(200);
+const PROBE_MAX: Duration = Duration::from_secs(2);
+/// A connection whose probes time out this many times in a row is replaced: the manager only
+/// reconnects on errors, and a peer that vanished without a reset never sends one.
+const STUCK_PROBES: u32 = 3;
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// What a [`Redis`] is built from: `[redis]` with its URL read from the environment or the file.
+/// Compare two (on reload) to know whether the connection must be rebuilt.
+#[derive(Clone, PartialEq)]
+pub struct RedisSettings {
+    url: String,
+    pub key_prefix: String,
+    pub op_timeout: Duration,
+    pub pool_size: usize,
+}
+
+impl RedisSettings {
+    /// Reads the URL from its source (call at start and on every reload, so that a rotated
+    /// `url_file` is picked up). Errors name the source, never the URL.
+    pub fn resolve(config: &RedisConfig) -> Result<RedisSettings, String> {
+        let url = match config.url_source() {
+            Some(RedisUrlSource::Inline(url)) => url.to_owned(),
+            Some(RedisUrlSource::Env(name)) => std::env::var(name)
+                .map_err(|_| format!("redis.url_env: environment variable {name} is not set"))?,
+            Some(RedisUrlSource::File(path)) => std::fs::read_to_string(path).map_err(|e| {
+                format!(
+                    "redis.url_file: cannot read {}: {}",
+                    path.display(),
+                    e.kind()
+                )
+            })?,
+            None => return Err("redis: set exactly one of url_env, url and url_file".to_owned()),
+        };
+        let url = url.trim().to_owned();
+        check_url(&url).map_err(|reason| format!("redis: the URL {reason}"))?;
+        Ok(RedisSettings {
+            url,
+            key_prefix: config.key_prefix.clone(),
+            op_timeout: config.op_timeout,
+            pool_size: config.pool_size.max(1),
+        })
+    }
+}
+
+impl fmt::Debug for RedisSettings {
+    /// The URL may carry a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("key_prefix", &self.key_prefix)
+            .field("op_timeout", &self.op_timeout)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle on Redis, cheap to clone. Calls go round-robin over `pool_size` connections; while
+/// Redis is down they return `None` at once, and a background probe brings it back.
+#[derive(Clone)]
+pub struct Redis(Arc<Inner>);
+
+struct Inner {
+    settings: RedisSettings,
+    client: ::redis::Client,
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    state: AtomicU8,
+    /// Wakes the probe when a call finds Redis unavailable (and when this handle goes away).
+    wake: Arc<Notify>,
+}
+
+struct Slot {
+    manager: ArcSwap<ConnectionManager>,
+    timeouts: AtomicU32,
+}
+
+impl Redis {
+    /// Builds the connections without waiting for them (Redis may be down at start-up: the
+    /// proxy serves anyway) and starts the probe that connects them. Needs a tokio runtime.
+    pub fn connect(settings: RedisSettings) -> Result<Redis, String> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err("redis: must be started inside the tokio runtime".to_owned());
+        }
+        let client = ::redis::Client::open(settings.url.as_str())
+            .map_err(|_| "redis: the URL must be a valid redis:// or rediss:// URL".to_owned())?;
+        let slots = (0..settings.pool_size)
+            .map(|_| {
+                Ok(Slot {
+                    manager: ArcSwap::from_pointee(manager(&client)?),
+                    timeouts: AtomicU32::new(0),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let wake = Arc::new(Notify::new());
+        let inner = Arc::new(Inner {
+            settings,
+            client,
+            slots,
+            next: AtomicUsize::new(0),
+            state: AtomicU8::new(UNKNOWN),
+            wake: wake.clone(),
+        });
+        metrics::gauge!(super::REDIS_UP).set(0.0);
+        tokio::spawn(watch(Arc::downgrade(&inner), wake));
+        Ok(Redis(inner))
+    }
+
+    /// What this handle was built from.
+    pub fn settings(&self) -> &RedisSettings {
+        &self.0.settings
+    }
+
+    /// Whether calls currently go to Redis (false until the first probe has answered).
+    pub fn is_up(&self) -> bool {
+        self.0.state.load(Ordering::Acquire) == UP
+    }
+
+    /// `key_prefix` + `kind` + `:` + the id in hex: never user text.
+    pub(crate) fn key(&self, kind: &str, id: u128) -> String {
+        format!("{}{kind}:{id:032x}", self.0.settings.key_prefix)
+    }
+
+    /// Runs one call on the next connection, bounded by `op_timeout`. `None` when Redis is down,
+    /// failed or was too slow: counted under `op`, and a failure of Redis itself (not of the
+    /// command) marks it down until the probe sees it answer again.
+    pub(crate) async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let inner = &self.0;
+        if inner.state.load(Ordering::Acquire) != UP {
+            count_error(op);
+            return None;
+        }
+        let at = inner.next.fetch_add(1, Ordering::Relaxed) % inner.slots.len();
+        let connection = ConnectionManager::clone(&inner.slots[at].manager.load());
+        match tokio::time::timeout(inner.settings.op_timeout, call(connection)).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(error)) => {
+                count_error(op);
+                if unavailable(&error) {
+                    inner.mark_down(&error.to_string());
+                } else {
+                    tracing::debug!(op, %error, "redis command failed");
+                }
+                None
+            }
+            Err(_) => {
+                count_error(op);
+                inner.mark_down("a call took longer than op_timeout");
+                None
+            }
+        }
+    }
+}
+
+fn count_error(op: &'static str) {
+    metrics::counter!(super::REDIS_ERRORS, "op" => op).increment(1);
+}
+
+/// Whether an error says Redis cannot be reached (rather than that one command was refused).
+fn unavailable(error: &RedisError) -> bool {
+    error.is_io_error() || error.is_timeout() || error.is_unrecoverable_error()
+}
+
+/// One reconnecting multiplexed connection, not yet connected. Its own retries are few: the
+/// probe keeps asking while Redis is down, with its own backoff.
+fn manager(client: &::redis::Client) -> Result<ConnectionManager, String> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        // Each call has its own `op_timeout`; the probe has `PROBE_TIMEOUT`.
+        .set_response_timeout(None)
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(100))
+        .set_max_delay(Duration::from_secs(1));
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
+        // The error's category only: its details could quote the URL.
+        .map_err(|e| format!("redis: cannot set up a connection: {:?}", e.kind()))
+}
+
+impl Inner {
+    fn mark_up(&self) {
+        let before = self.state.swap(UP, Ordering::AcqRel);
+        if before != UP {
+            metrics::gauge!(super::REDIS_UP).set(1.0);
+            tracing::info!("redis is available; shared limits, budgets and cache tier 2 are on");
+        }
+    }
+
+    fn mark_down(&self, reason: &str) {
+        let before = self.state.swap(DOWN, Ordering::AcqRel);
+        if before != DOWN {
+            metrics::gauge!(super::REDIS_UP).set(0.0);
+            tracing::warn!(
+                reason,
+                "redis is unavailable; serving without it (per-replica limits and budgets, no cache tier 2) and reconnecting"
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    /// PINGs every connection at once; replaces one that keeps timing out.
+    async fn probe(&self) -> Result<(), String> {
+        let mut pings = JoinSet::new();
+        for (at, slot) in self.slots.iter().enumerate() {
+            let mut connection = ConnectionManager::clone(&slot.manager.load());
+            pings.spawn(async move {
+                let ping = ::redis::cmd("PING");
+                let answer = ping.query_async::<()>(&mut connection);
+                (at, tokio::time::timeout(PROBE_TIMEOUT, answer).await)
+            });
+        }
+        let mut failure = None;
+        while let Some(joined) = pings.join_next().await {
+            let Ok((at, result)) = joined else {
+                continue;
+            };
+            let slot = &self.slots[at];
+            match result {
+                Ok(Ok(())) => slot.timeouts.store(0, Ordering::Relaxed),
+                Ok(Err(error)) => failure = Some(error.to_string()),
+                Err(_) => {
+                    failure = Some("no answer to PING".to_owned());
+                    if slot.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= STUCK_PROBES {
+                        slot.timeouts.store(0, Ordering::Relaxed);
+                        if let Ok(fresh) = manager(&self.client) {
+                            slot.manager.store(Arc::new(fresh));
+                        }
+                    }
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the probe see that its handle is gone.
+        self.wake.notify_one();
+    }
+}
+
+/// The background probe: idle while Redis is up; while it is down (or not yet reached), PINGs
+/// with backoff until it answers. Ends when the last handle is dropped.
+async fn watch(handle: Weak<Inner>, wake: Arc<Notify>) {
+    let mut delay = PROBE_MIN;
+    let mut first = true;
+    loop {
+        loop {
+            match handle.upgrade() {
+                None => return,
+                Some(inner) if inner.state.load(Ordering::Acquire) == UP => {}
+                Some(_) => break,
+            }
+            wake.notified().await;
+        }
+        if !first {
+            // A single slow call marks Redis down; give it a moment before asking again.
+            tokio::time::sleep(delay).await;
+        }
+        first = false;
+        let Some(inner) = handle.upgrade() else {
+            return;
+        };
+        match inner.probe().await {
+            Ok(()) => {
+                inner.mark_up();
+                delay = PROBE_MIN;
+            }
+            Err(reason) => {
+                inner.mark_down(&reason);
+                delay = (delay * 2).min(PROBE_MAX);
+            }
+        }
+    }
+}
