@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -27,6 +27,19 @@ const PROBE_MAX: Duration = Duration::from_secs(2);
 /// A connection whose probes time out this many times in a row is replaced: the manager only
 /// reconnects on errors, and a peer that vanished without a reset never sends one.
 const STUCK_PROBES: u32 = 3;
+
+/// Handles in this process that are not up: `openrouter_redis_up` is 1 only when none is (a
+/// reload may briefly hold an old handle next to the new one).
+static NOT_UP: Mutex<usize> = Mutex::new(0);
+
+/// Moves one handle into or out of the not-up count and publishes the gauge, under one lock so
+/// that the last change wins.
+fn publish_up(change: isize) {
+    let mut not_up = NOT_UP.lock().unwrap_or_else(PoisonError::into_inner);
+    *not_up = not_up.saturating_add_signed(change);
+    let up = if *not_up == 0 { 1.0 } else { 0.0 };
+    metrics::gauge!(super::REDIS_UP).set(up);
+}
 
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
@@ -127,7 +140,7 @@ impl Redis {
             state: AtomicU8::new(UNKNOWN),
             wake: wake.clone(),
         });
-        metrics::gauge!(super::REDIS_UP).set(0.0);
+        publish_up(1);
         tokio::spawn(watch(Arc::downgrade(&inner), wake));
         Ok(Redis(inner))
     }
@@ -210,7 +223,7 @@ impl Inner {
     fn mark_up(&self) {
         let before = self.state.swap(UP, Ordering::AcqRel);
         if before != UP {
-            metrics::gauge!(super::REDIS_UP).set(1.0);
+            publish_up(-1);
             tracing::info!("redis is available; shared limits, budgets and cache tier 2 are on");
         }
     }
@@ -218,7 +231,9 @@ impl Inner {
     fn mark_down(&self, reason: &str) {
         let before = self.state.swap(DOWN, Ordering::AcqRel);
         if before != DOWN {
-            metrics::gauge!(super::REDIS_UP).set(0.0);
+            if before == UP {
+                publish_up(1);
+            }
             tracing::warn!(
                 reason,
                 "redis is unavailable; serving without it (per-replica limits and budgets, no cache tier 2) and reconnecting"
@@ -234,7 +249,16 @@ impl Inner {
             let mut connection = ConnectionManager::clone(&slot.manager.load());
             pings.spawn(async move {
                 let ping = ::redis::cmd("PING");
-                let answer = ping.query_async::<()>(&mut connection);
+                let answer = async {
+                    // A connection that had failed answers with that failure once, and starts
+                    // connecting again: the second PING waits for that attempt.
+                    match ping.query_async::<()>(&mut connection).await {
+                        Err(error) if !error.is_timeout() => {
+                            ping.query_async::<()>(&mut connection).await
+                        }
+                        answer => answer,
+                    }
+                };
                 (at, tokio::time::timeout(PROBE_TIMEOUT, answer).await)
             });
         }
@@ -264,6 +288,9 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if self.state.load(Ordering::Acquire) != UP {
+            publish_up(-1);
+        }
         // Lets the probe see that its handle is gone.
         self.wake.notify_one();
     }
