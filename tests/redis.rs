@@ -19,9 +19,10 @@ use openrouter_proxy::redis::{
 use support::redis::{metric, wait_up, RedisServer};
 use support::{temp_file, PATIENCE};
 
-/// `op_timeout` of replicas that must not fall back to local counting on a loaded machine.
+/// `op_timeout` of replicas that must not fall back to local counting when the loaded test
+/// machine stalls. A killed Redis refuses at once, so their calls stay short all the same.
 const STEADY: &str = "5s";
-/// `op_timeout` of replicas whose calls must stay short while Redis is gone or frozen.
+/// `op_timeout` of replicas whose Redis is frozen (SIGSTOP): the first call waits this long.
 const SHORT: &str = "300ms";
 /// What a call may take at most while Redis is unavailable: `SHORT` and a generous margin.
 const BOUND: Duration = Duration::from_secs(1);
@@ -112,8 +113,8 @@ async fn without_redis_each_replica_counts_alone_and_sharing_resumes_after_a_res
     init();
     let mut server = RedisServer::start().await;
     let replicas = [
-        (server.handle(SHORT).await, SharedLimiter::default()),
-        (server.handle(SHORT).await, SharedLimiter::default()),
+        (server.handle(STEADY).await, SharedLimiter::default()),
+        (server.handle(STEADY).await, SharedLimiter::default()),
     ];
     let errors = || metric(REDIS_ERRORS, &[("op", "rate_limit")]).unwrap_or(0.0);
     let errors_before = errors();
@@ -145,7 +146,7 @@ async fn without_redis_each_replica_counts_alone_and_sharing_resumes_after_a_res
         "both replicas used Redis again {:?} after it restarted",
         started.elapsed()
     );
-    // A stall of the loaded test machine longer than SHORT falls back for one call: ask again
+    // A stall of the loaded test machine longer than op_timeout falls back for one call: ask again
     // with a fresh scope. Without sharing, every attempt fails.
     let mut attempts = 0;
     while !shared(&replicas[0], &replicas[1], &format!("route:up-{attempts}")).await {
@@ -162,7 +163,7 @@ async fn the_proxy_starts_without_redis_and_uses_it_once_it_is_there() {
     init();
     let mut server = RedisServer::start().await;
     server.kill();
-    let redis = Redis::connect(server.settings(&format!("op_timeout = \"{SHORT}\""))).unwrap();
+    let redis = Redis::connect(server.settings(&format!("op_timeout = \"{STEADY}\""))).unwrap();
     let (limiter, tier) = (SharedLimiter::default(), Tier2::new(redis.clone()));
     for _ in 0..3 {
         let admitted = bounded("admit", limiter.admit(Some(&redis), "route:early", N)).await;
@@ -280,7 +281,7 @@ async fn budgets_are_shared_by_replicas_and_outlive_a_restart_of_the_proxy() {
 async fn budgets_count_on_the_replica_while_redis_is_down_and_catch_up_after() {
     init();
     let mut server = RedisServer::start().await;
-    let redis = server.handle(SHORT).await;
+    let redis = server.handle(STEADY).await;
     let budgets = Budgets::default();
     let budget = BudgetConfig {
         usd_per_day: Some(1.0),

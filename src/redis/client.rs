@@ -204,16 +204,15 @@ fn unavailable(error: &RedisError) -> bool {
     error.is_io_error() || error.is_timeout() || error.is_unrecoverable_error()
 }
 
-/// One reconnecting multiplexed connection, not yet connected. Its own retries are few: the
-/// probe keeps asking while Redis is down, with its own backoff.
+/// One reconnecting multiplexed connection, not yet connected. A reconnection is one attempt,
+/// without retries of its own: calls waiting for it would wait through its backoff, while the
+/// probe already asks again with backoff as long as Redis is down.
 fn manager(client: &::redis::Client) -> Result<ConnectionManager, String> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         // Each call has its own `op_timeout`; the probe has `PROBE_TIMEOUT`.
         .set_response_timeout(None)
-        .set_number_of_retries(2)
-        .set_min_delay(Duration::from_millis(100))
-        .set_max_delay(Duration::from_secs(1));
+        .set_number_of_retries(0);
     ConnectionManager::new_lazy_with_config(client.clone(), config)
         // The error's category only: its details could quote the URL.
         .map_err(|e| format!("redis: cannot set up a connection: {:?}", e.kind()))
