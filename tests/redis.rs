@@ -159,6 +159,32 @@ async fn without_redis_each_replica_counts_alone_and_sharing_resumes_after_a_res
 }
 
 #[tokio::test]
+async fn a_connection_closed_by_the_server_is_reopened_without_falling_back() {
+    init();
+    let server = RedisServer::start().await;
+    let a = (server.handle(STEADY).await, SharedLimiter::default());
+    let b = (server.handle(STEADY).await, SharedLimiter::default());
+    for (redis, limiter) in [&a, &b] {
+        assert!(limiter.admit(Some(redis), "route:warm", 100).await.is_ok());
+    }
+    // What a server `timeout` or a load balancer does to idle connections.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut own = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut own)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "{killed} connections closed");
+    assert!(a.1.admit(Some(&a.0), "route:one", 1).await.is_ok());
+    assert!(
+        b.1.admit(Some(&b.0), "route:one", 1).await.is_err(),
+        "the second request of the minute is refused by the shared count"
+    );
+    assert!(a.0.is_up() && b.0.is_up());
+}
+
+#[tokio::test]
 async fn the_proxy_starts_without_redis_and_uses_it_once_it_is_there() {
     init();
     let mut server = RedisServer::start().await;

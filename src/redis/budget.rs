@@ -182,10 +182,11 @@ impl Budgets {
                     .zip(&windows)
                     .map(|((period, _), (stamp, _))| key(redis, scope, name, *period, stamp))
                     .collect();
+                let keys = &keys;
                 redis
                     .call(super::op::BUDGET_CHECK, |mut connection| async move {
                         ::redis::cmd("MGET")
-                            .arg(&keys)
+                            .arg(keys)
                             .query_async::<Vec<Option<f64>>>(&mut connection)
                             .await
                     })
@@ -261,6 +262,7 @@ impl Budgets {
                     pipe.cmd("INCRBYFLOAT").arg(&key).arg(*add);
                     pipe.cmd("EXPIREAT").arg(&key).arg(expires).ignore();
                 }
+                let pipe = &pipe;
                 redis
                     .call(super::op::BUDGET_RECORD, |mut connection| async move {
                         pipe.query_async::<Vec<f64>>(&mut connection).await

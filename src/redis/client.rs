@@ -165,7 +165,7 @@ impl Redis {
     /// command) marks it down until the probe sees it answer again.
     pub(crate) async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let inner = &self.0;
@@ -175,7 +175,15 @@ impl Redis {
         }
         let at = inner.next.fetch_add(1, Ordering::Relaxed) % inner.slots.len();
         let connection = ConnectionManager::clone(&inner.slots[at].manager.load());
-        match tokio::time::timeout(inner.settings.op_timeout, call(connection)).await {
+        let answer = async {
+            match call(connection.clone()).await {
+                // A connection closed while idle (a server or load balancer timeout) is not
+                // Redis being down: the manager is already reconnecting, so ask once more.
+                Err(error) if error.is_connection_dropped() => call(connection).await,
+                answer => answer,
+            }
+        };
+        match tokio::time::timeout(inner.settings.op_timeout, answer).await {
             Ok(Ok(value)) => Some(value),
             Ok(Err(error)) => {
                 count_error(op);

@@ -75,6 +75,7 @@ impl SharedLimiter {
             let interval = PERIOD_MICROS / f64::from(per_minute);
             let mut invocation = self.script.key(key);
             invocation.arg(interval).arg(PERIOD_MICROS);
+            let invocation = &invocation;
             let wait = redis
                 .call(super::op::RATE_LIMIT, |mut connection| async move {
                     invocation.invoke_async::<i64>(&mut connection).await

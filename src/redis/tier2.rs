@@ -141,13 +141,13 @@ impl Tier2 {
     /// The stored answer for `key` (a `CacheKey`'s 128 bits), within `op_timeout`. `None` on a
     /// miss, and when Redis is down or slow (then counted as an error of `op="cache_get"`).
     pub async fn get(&self, key: u128) -> Option<Tier2Hit> {
-        let key = self.redis.key("cache", key);
+        let key = &self.redis.key("cache", key);
         let (stored, ttl_ms) = self
             .redis
             .call(super::op::CACHE_GET, |mut connection| async move {
                 ::redis::pipe()
-                    .get(&key)
-                    .pttl(&key)
+                    .get(key)
+                    .pttl(key)
                     .query_async::<(Option<Vec<u8>>, i64)>(&mut connection)
                     .await
             })
@@ -201,11 +201,11 @@ async fn write_all(
                 let millis = u64::try_from(write.ttl.as_millis())
                     .unwrap_or(u64::MAX)
                     .max(1);
-                let key = write.key;
+                let (key, value) = (&write.key, &value);
                 redis
                     .call(super::op::CACHE_PUT, |mut connection| async move {
                         ::redis::cmd("SET")
-                            .arg(&key)
+                            .arg(key)
                             .arg(value)
                             .arg("PX")
                             .arg(millis)
