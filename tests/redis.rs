@@ -97,6 +97,24 @@ async fn a_rate_limit_holds_for_the_sum_of_two_replicas() {
     );
 }
 
+#[tokio::test]
+async fn a_request_is_charged_in_all_its_scopes_or_in_none() {
+    init();
+    let server = RedisServer::start().await;
+    let (a, b) = (server.handle(STEADY).await, server.handle(STEADY).await);
+    let (on_a, on_b) = (SharedLimiter::default(), SharedLimiter::default());
+    let both = [("route:r", 3), ("token:t", 1)];
+    assert!(on_a.admit_all(Some(&a), &both).await.is_ok());
+    let refused = on_b.admit_all(Some(&b), &both).await.unwrap_err();
+    assert_eq!((refused.scope.as_str(), refused.per_minute), ("token:t", 1));
+    // The refused request took nothing from the route: two of its three remain.
+    let route = [("route:r", 3)];
+    assert!(on_b.admit_all(Some(&b), &route).await.is_ok());
+    assert!(on_a.admit_all(Some(&a), &route).await.is_ok());
+    let refused = on_a.admit_all(Some(&a), &route).await.unwrap_err();
+    assert_eq!(refused.scope, "route:r");
+}
+
 /// Admits requests of a fresh scope on `a` until one is refused, then asks `b`: refused only if
 /// the two share their count.
 async fn shared(a: &(Redis, SharedLimiter), b: &(Redis, SharedLimiter), scope: &str) -> bool {

@@ -7,35 +7,44 @@ use crate::limits::{Limits, Rejection};
 
 use super::Redis;
 
-/// Generic cell rate algorithm on one key holding the theoretical arrival time (TAT), in
+/// Generic cell rate algorithm, one key per scope holding its theoretical arrival time (TAT) in
 /// microseconds of the Redis server's clock, so that replicas' clocks do not matter. A burst of
-/// up to one minute's worth is admitted, then one request per `interval`: the same shape as the
-/// in-process token bucket. Returns 0 when admitted, else the microseconds until it would be.
+/// up to one minute's worth is admitted, then one request per interval: the same shape as the
+/// in-process token bucket. All scopes of a request are checked before any is charged, so a
+/// request refused by one scope costs nothing in the others. Returns `{0, 0}` when admitted,
+/// else `{i, micros}`: the 1-based scope that refused and when it would admit.
 const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local tat = now
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  tat = math.max(tonumber(stored) or now, now)
+local period = tonumber(ARGV[1])
+local next_tat = {}
+for i, key in ipairs(KEYS) do
+  local tat = now
+  local stored = redis.call('GET', key)
+  if stored then
+    tat = math.max(tonumber(stored) or now, now)
+  end
+  next_tat[i] = tat + tonumber(ARGV[i + 1])
+  local wait = next_tat[i] - period - now
+  if wait > 0 then
+    return {i, math.ceil(wait)}
+  end
 end
-local next_tat = tat + interval
-local wait = next_tat - period - now
-if wait > 0 then
-  return math.ceil(wait)
+for i, key in ipairs(KEYS) do
+  local ttl = math.ceil((next_tat[i] - now) / 1000) + 1
+  redis.call('SET', key, string.format('%.0f', next_tat[i]), 'PX', ttl)
 end
-redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
-return 0
+return {0, 0}
 ";
 
 /// The window a limit's burst is measured over.
 const PERIOD_MICROS: f64 = 60_000_000.0;
 
-/// A request over its scope's `requests_per_minute`.
+/// A request over a scope's `requests_per_minute`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateRejection {
+    /// The scope that refused, as given to [`SharedLimiter::admit_all`].
+    pub scope: String,
     pub per_minute: u32,
     /// When a request of this scope would next be admitted (`Retry-After`).
     pub retry_after: Duration,
@@ -60,49 +69,72 @@ impl Default for SharedLimiter {
 }
 
 impl SharedLimiter {
-    /// Admits one request of `scope` (such as `route:<name>` or `token:<name>`; only its hash
-    /// reaches Redis) against `per_minute`, counted across every replica sharing `redis`. With no
-    /// Redis, or with Redis down or slower than `op_timeout`, this replica counts on its own.
+    /// Admits one request of `scope` against `per_minute`: [`SharedLimiter::admit_all`] with one
+    /// scope.
     pub async fn admit(
         &self,
         redis: Option<&Redis>,
         scope: &str,
         per_minute: u32,
     ) -> Result<(), RateRejection> {
-        let per_minute = per_minute.max(1);
+        self.admit_all(redis, &[(scope, per_minute)]).await
+    }
+
+    /// Admits one request into every `(scope, per_minute)` (such as the route's and the token's;
+    /// only a hash of the scope reaches Redis), counted across every replica sharing `redis`, in
+    /// one atomic script call. With no Redis, or with Redis down or slower than `op_timeout`,
+    /// this replica counts on its own.
+    pub async fn admit_all(
+        &self,
+        redis: Option<&Redis>,
+        scopes: &[(&str, u32)],
+    ) -> Result<(), RateRejection> {
+        if scopes.is_empty() {
+            return Ok(());
+        }
         if let Some(redis) = redis {
-            let key = redis.key("rate", super::hashed(&[scope.as_bytes()]));
-            let interval = PERIOD_MICROS / f64::from(per_minute);
-            let mut invocation = self.script.key(key);
-            invocation.arg(interval).arg(PERIOD_MICROS);
+            let mut invocation = self.script.prepare_invoke();
+            invocation.arg(PERIOD_MICROS);
+            for (scope, per_minute) in scopes {
+                invocation.key(redis.key("rate", super::hashed(&[scope.as_bytes()])));
+                invocation.arg(PERIOD_MICROS / f64::from((*per_minute).max(1)));
+            }
             let invocation = &invocation;
-            let wait = redis
+            let answer = redis
                 .call(super::op::RATE_LIMIT, |mut connection| async move {
-                    invocation.invoke_async::<i64>(&mut connection).await
+                    invocation
+                        .invoke_async::<(usize, i64)>(&mut connection)
+                        .await
                 })
                 .await;
-            if let Some(wait) = wait {
-                return match u64::try_from(wait) {
-                    Ok(micros) if micros > 0 => Err(RateRejection {
-                        per_minute,
-                        retry_after: Duration::from_micros(micros),
-                    }),
-                    _ => Ok(()),
+            if let Some((refused_by, wait)) = answer {
+                let Some((scope, per_minute)) =
+                    refused_by.checked_sub(1).and_then(|i| scopes.get(i))
+                else {
+                    return Ok(());
                 };
+                return Err(RateRejection {
+                    scope: (*scope).to_owned(),
+                    per_minute: *per_minute,
+                    retry_after: Duration::from_micros(u64::try_from(wait).unwrap_or(0)),
+                });
             }
         }
-        self.admit_locally(scope, per_minute)
+        scopes
+            .iter()
+            .try_for_each(|(scope, per_minute)| self.admit_locally(scope, *per_minute))
     }
 
     fn admit_locally(&self, scope: &str, per_minute: u32) -> Result<(), RateRejection> {
         match self
             .local
-            .admit(scope, None, Some(per_minute), Instant::now())
+            .admit(scope, None, Some(per_minute.max(1)), Instant::now())
         {
             Err(Rejection::Rate {
                 per_minute,
                 retry_after,
             }) => Err(RateRejection {
+                scope: scope.to_owned(),
                 per_minute,
                 retry_after,
             }),
