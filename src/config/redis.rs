@@ -29,9 +29,10 @@ pub struct RedisConfig {
     /// Redis can add to a request.
     #[serde(default = "default_op_timeout", with = "super::humantime_serde")]
     pub op_timeout: Duration,
-    /// Multiplexed connections, each with its own reconnecting manager, used in turn. Every one
-    /// pipelines any number of concurrent calls; more than one keeps a large cache write from
-    /// delaying the small rate-limit calls queued behind it on the same socket.
+    /// Multiplexed connections, each with its own reconnecting manager. Every one pipelines any
+    /// number of concurrent calls; with more than one, the first carries the cache tier's writes
+    /// and the others take the calls made for requests in turn, so that a large answer being
+    /// written never delays a rate-limit call queued behind it on the same socket.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
 }

@@ -41,6 +41,9 @@ fn publish_up(change: isize) {
     metrics::gauge!(super::REDIS_UP).set(up);
 }
 
+/// The rate a cache write is allowed beyond `op_timeout`: 4 MiB may take 400 ms.
+const WRITE_BYTES_PER_SEC: f64 = 10.0 * 1024.0 * 1024.0;
+
 const UNKNOWN: u8 = 0;
 const UP: u8 = 1;
 const DOWN: u8 = 2;
@@ -94,7 +97,8 @@ impl fmt::Debug for RedisSettings {
     }
 }
 
-/// A handle on Redis, cheap to clone. Calls go round-robin over `pool_size` connections; while
+/// A handle on Redis, cheap to clone. Calls for requests go round-robin over `pool_size`
+/// connections (all but the first, which carries cache writes, when there are several); while
 /// Redis is down they return `None` at once, and a background probe brings it back.
 #[derive(Clone)]
 pub struct Redis(Arc<Inner>);
@@ -160,10 +164,41 @@ impl Redis {
         format!("{}{kind}:{id:032x}", self.0.settings.key_prefix)
     }
 
-    /// Runs one call on the next connection, bounded by `op_timeout`. `None` when Redis is down,
-    /// failed or was too slow: counted under `op`, and a failure of Redis itself (not of the
-    /// command) marks it down until the probe sees it answer again.
+    /// Runs one call for a request on the next connection, bounded by `op_timeout`. `None`
+    /// when Redis is down, failed or was too slow: counted under `op`, and a failure of Redis
+    /// itself (not of the command) marks it down until the probe sees it answer again.
     pub(crate) async fn call<T, F, Fut>(&self, op: &'static str, call: F) -> Option<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let slots = self.0.slots.len();
+        let at = match slots {
+            1 => 0,
+            _ => 1 + self.0.next.fetch_add(1, Ordering::Relaxed) % (slots - 1),
+        };
+        self.run(op, at, self.0.settings.op_timeout, call).await
+    }
+
+    /// Writes `bytes` on the connection kept for writes, bounded by `op_timeout` plus the time
+    /// the bytes take at [`WRITE_BYTES_PER_SEC`] (a large answer is not a slow Redis).
+    pub(crate) async fn write<F, Fut>(&self, op: &'static str, bytes: usize, call: F) -> Option<()>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<()>>,
+    {
+        let transfer = Duration::from_secs_f64(bytes as f64 / WRITE_BYTES_PER_SEC);
+        self.run(op, 0, self.0.settings.op_timeout + transfer, call)
+            .await
+    }
+
+    async fn run<T, F, Fut>(
+        &self,
+        op: &'static str,
+        at: usize,
+        bound: Duration,
+        call: F,
+    ) -> Option<T>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
@@ -173,7 +208,6 @@ impl Redis {
             count_error(op);
             return None;
         }
-        let at = inner.next.fetch_add(1, Ordering::Relaxed) % inner.slots.len();
         let connection = ConnectionManager::clone(&inner.slots[at].manager.load());
         let answer = async {
             match call(connection.clone()).await {
@@ -183,7 +217,7 @@ impl Redis {
                 answer => answer,
             }
         };
-        match tokio::time::timeout(inner.settings.op_timeout, answer).await {
+        match tokio::time::timeout(bound, answer).await {
             Ok(Ok(value)) => Some(value),
             Ok(Err(error)) => {
                 count_error(op);

@@ -180,8 +180,9 @@ impl Tier2 {
     }
 }
 
-/// The writer: takes queued answers in order and writes up to `pool_size` at once, each bounded
-/// by `op_timeout`. Ends when its [`Tier2`] is dropped and the queue is empty.
+/// The writer: takes queued answers in order and writes up to `pool_size` at once on the
+/// connection kept for writes, each bounded by `op_timeout` and its size. Ends when its
+/// [`Tier2`] is dropped and the queue is empty.
 async fn write_all(
     redis: Redis,
     mut writes: mpsc::Receiver<Write>,
@@ -203,15 +204,19 @@ async fn write_all(
                     .max(1);
                 let (key, value) = (&write.key, &value);
                 redis
-                    .call(super::op::CACHE_PUT, |mut connection| async move {
-                        ::redis::cmd("SET")
-                            .arg(key)
-                            .arg(value)
-                            .arg("PX")
-                            .arg(millis)
-                            .query_async::<()>(&mut connection)
-                            .await
-                    })
+                    .write(
+                        super::op::CACHE_PUT,
+                        value.len(),
+                        |mut connection| async move {
+                            ::redis::cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("PX")
+                                .arg(millis)
+                                .query_async::<()>(&mut connection)
+                                .await
+                        },
+                    )
                     .await;
             }
             queued_bytes.fetch_sub(write.size, Ordering::AcqRel);
