@@ -203,6 +203,27 @@ async fn a_connection_closed_by_the_server_is_reopened_without_falling_back() {
 }
 
 #[tokio::test]
+async fn the_password_comes_from_the_url() {
+    init();
+    let server = RedisServer::start_with(Some("right-password")).await;
+    let (redis, limiter) = (server.handle(STEADY).await, SharedLimiter::default());
+    assert!(limiter.admit(Some(&redis), "route:auth", 1).await.is_ok());
+    assert!(
+        limiter.admit(Some(&redis), "route:auth", 1).await.is_err(),
+        "counted in Redis"
+    );
+
+    let wrong = server.url().replace("right-password", "wrong-password");
+    let text = format!("[redis]\nurl = \"{wrong}\"");
+    let config = Config::parse(&text).unwrap();
+    let settings = RedisSettings::resolve(config.redis.as_ref().unwrap()).unwrap();
+    let refused = Redis::connect(settings).unwrap();
+    let admitted = bounded("admit", limiter.admit(Some(&refused), "route:other", 1)).await;
+    assert!(admitted.is_ok(), "served without Redis");
+    assert!(!refused.is_up());
+}
+
+#[tokio::test]
 async fn the_proxy_starts_without_redis_and_uses_it_once_it_is_there() {
     init();
     let mut server = RedisServer::start().await;

@@ -15,15 +15,26 @@ use super::PATIENCE;
 /// One `redis-server` process on 127.0.0.1 (never the default port 6379).
 pub struct RedisServer {
     pub port: u16,
+    /// Set with `--requirepass`; then part of [`RedisServer::url`].
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(None).await
+    }
+
+    /// The same, with `--requirepass <password>` when given.
+    pub async fn start_with(password: Option<&str>) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
-            let mut server = RedisServer { port, child: None };
+            let mut server = RedisServer {
+                port,
+                password: password.map(str::to_owned),
+                child: None,
+            };
             // Another process may take the port between our probe and the server's bind.
             if server.spawn().await {
                 return server;
@@ -32,9 +43,12 @@ impl RedisServer {
         panic!("redis-server did not start on any free port (is it installed?)");
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, with `:<password>@` when it has one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Settings for a handle on this server, as `[redis]` with `url` and the given `extra` keys
@@ -93,9 +107,19 @@ impl RedisServer {
     /// Runs the server on `self.port`; false when it exited (the port was taken) or never
     /// answered.
     async fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string()]).args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -107,7 +131,7 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if ping(self.port).await {
+            if ping(self.port, self.password.as_deref()).await {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -135,13 +159,27 @@ pub fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-async fn ping(port: u16) -> bool {
+async fn ping(port: u16, password: Option<&str>) -> bool {
     let exchange = async {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        stream.write_all(b"PING\r\n").await.ok()?;
-        let mut answer = [0u8; 7];
-        stream.read_exact(&mut answer).await.ok()?;
-        Some(&answer == b"+PONG\r\n")
+        let mut request = String::new();
+        if let Some(password) = password {
+            request.push_str(&format!("AUTH {password}\r\n"));
+        }
+        request.push_str("PING\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut answer = Vec::new();
+        let mut buffer = [0u8; 64];
+        // One line per command sent.
+        let lines = 1 + usize::from(password.is_some());
+        while answer.windows(2).filter(|w| w == b"\r\n").count() < lines {
+            let read = stream.read(&mut buffer).await.ok()?;
+            if read == 0 {
+                return None;
+            }
+            answer.extend_from_slice(&buffer[..read]);
+        }
+        Some(answer.ends_with(b"+PONG\r\n"))
     };
     tokio::time::timeout(Duration::from_secs(1), exchange)
         .await
