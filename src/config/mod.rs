@@ -28,6 +28,7 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+    /// State shared by every replica; absent, everything stays in-process.
     pub redis: Option<RedisConfig>,
 }
 
@@ -105,6 +106,7 @@ pub struct TokenConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate of this token (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+    /// Spend of this token per UTC day and month, from the answers' `usage.cost`; over it, 429.
     pub budget: Option<BudgetConfig>,
 }
 
@@ -243,6 +245,7 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// Answers larger than this are not stored.
     pub max_entry_bytes: usize,
+    /// A second tier behind the in-memory one, shared by every replica (needs `[redis]`).
     pub tier2: Option<CacheTier2>,
 }
 
@@ -326,6 +329,7 @@ pub struct RouteConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate on this route (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+    /// Spend on this route per UTC day and month, from the answers' `usage.cost`; over it, 429.
     pub budget: Option<BudgetConfig>,
 }
 
