@@ -13,6 +13,7 @@ pub mod limits;
 pub mod pattern;
 pub mod pipeline;
 pub mod record;
+pub mod redis;
 pub mod runtime;
 pub mod server;
 pub mod shape;

@@ -10,12 +10,14 @@ use serde::{Deserialize, Deserializer};
 mod base_url;
 mod error;
 mod otel;
+mod redis;
 mod upstreams;
 mod validate;
 
 pub use base_url::BaseUrl;
 pub use error::{ConfigError, Invalid, KeyPath};
 pub use otel::OtelConfig;
+pub use redis::{check_url, BudgetConfig, CacheTier2, RedisConfig, RedisUrlSource};
 pub use validate::validate_tokens;
 
 /// The route name reported for requests that no rule matched.
@@ -41,6 +43,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Traces; absent, no tracing work at all.
     pub otel: Option<OtelConfig>,
+    /// State shared by every replica; absent, everything stays in-process.
+    pub redis: Option<RedisConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -117,6 +121,8 @@ pub struct TokenConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate of this token (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+    /// Spend of this token per UTC day and month, from the answers' `usage.cost`; over it, 429.
+    pub budget: Option<BudgetConfig>,
 }
 
 /// The contents of `server.token_file`.
@@ -283,6 +289,8 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// Answers larger than this are not stored.
     pub max_entry_bytes: usize,
+    /// A second tier behind the in-memory one, shared by every replica (needs `[redis]`).
+    pub tier2: Option<CacheTier2>,
 }
 
 impl Default for CacheConfig {
@@ -290,6 +298,7 @@ impl Default for CacheConfig {
         Self {
             max_bytes: 256 * 1024 * 1024,
             max_entry_bytes: 4 * 1024 * 1024,
+            tier2: None,
         }
     }
 }
@@ -376,6 +385,8 @@ pub struct RouteConfig {
     pub max_concurrent: Option<usize>,
     /// Sustained request rate on this route (bursts up to one minute's worth); over it, 429.
     pub requests_per_minute: Option<u32>,
+    /// Spend on this route per UTC day and month, from the answers' `usage.cost`; over it, 429.
+    pub budget: Option<BudgetConfig>,
 }
 
 /// A fallback of a route: a model on the route's upstream, or a model on a named upstream.

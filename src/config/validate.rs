@@ -25,6 +25,7 @@ impl Config {
         self.validate_fallback()?;
         positive(self.cache.max_bytes, "cache.max_bytes")?;
         positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
+        super::redis::validate_redis(self.redis.as_ref(), self.cache.tier2)?;
         if self.log.level.trim().is_empty() {
             return Err(Invalid::new(KeyPath::new("log.level"), "must not be empty"));
         }
@@ -145,6 +146,7 @@ fn validate_route(route: &RouteConfig, at: KeyPath) -> Checked {
         ));
     }
     limits(route.max_concurrent, route.requests_per_minute, &at)?;
+    super::redis::validate_budget(route.budget.as_ref(), &at)?;
     if let Some(path) = &route.matcher.path {
         if !path.starts_with("/v1") {
             return Err(Invalid::new(
@@ -187,6 +189,7 @@ pub fn validate_tokens(tokens: &[TokenConfig], at: KeyPath) -> Checked {
             ));
         }
         limits(token.max_concurrent, token.requests_per_minute, &at)?;
+        super::redis::validate_budget(token.budget.as_ref(), &at)?;
     }
     Ok(())
 }

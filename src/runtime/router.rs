@@ -194,6 +194,7 @@ impl Router {
             on_midstream: Midstream::Error,
             max_concurrent: None,
             requests_per_minute: None,
+            budget: None,
         };
         let default = Route::compile(&pass_through, upstreams);
         Router { routes, default }

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub mod otlp;
+pub mod redis;
 mod shapes;
 pub use shapes::*;
 
