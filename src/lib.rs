@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod attempt;
 pub mod auth;
+pub mod batch;
 pub mod body;
 pub mod cache;
 pub mod config;

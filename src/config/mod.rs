@@ -8,10 +8,12 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 mod base_url;
+mod batch;
 mod error;
 mod validate;
 
 pub use base_url::BaseUrl;
+pub use batch::BatchConfig;
 pub use error::{ConfigError, Invalid, KeyPath};
 pub use validate::validate_tokens;
 
@@ -26,6 +28,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: MetricsConfig,
     pub routes: Vec<RouteConfig>,
+    /// The Batch API served by the proxy; absent, its paths are forwarded upstream.
+    pub batch: Option<BatchConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -22,6 +22,9 @@ impl Config {
         }
         self.validate_upstream()?;
         self.validate_fallback()?;
+        self.batch
+            .as_ref()
+            .map_or(Ok(()), |batch| batch.validate())?;
         positive(self.cache.max_bytes, "cache.max_bytes")?;
         positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
         if self.log.level.trim().is_empty() {
