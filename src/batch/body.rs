@@ -2,7 +2,7 @@
 //! store in chunks.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
@@ -49,13 +49,11 @@ impl Body for ContentBody {
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
         let mut buf = ReadBuf::new(&mut this.chunk);
-        match this.reader.as_mut().poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => Poll::Ready(None),
-            Poll::Ready(Ok(())) => {
-                Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(buf.filled())))))
-            }
-            Poll::Ready(Err(error)) => Poll::Ready(Some(Err(error))),
-            Poll::Pending => Poll::Pending,
+        if let Err(error) = ready!(this.reader.as_mut().poll_read(cx, &mut buf)) {
+            return Poll::Ready(Some(Err(error)));
         }
+        let read = buf.filled();
+        // Zero bytes read is the end of the content.
+        Poll::Ready((!read.is_empty()).then(|| Ok(Frame::data(Bytes::copy_from_slice(read)))))
     }
 }

@@ -14,7 +14,7 @@ use super::input::{parse_line, LineCounter};
 use super::model::{new_id, BatchStatus, FileObject, LineError};
 use super::outcome::error_line;
 use super::store::{
-    ContentWriter, Finish, LineState, Progress, StoreError, StoredBatch, StoredFile,
+    ContentWriter, Finish, LineState, Progress, StoreError, StoredBatch, StoredFile, Transition,
 };
 use super::{metrics, stopped, Inner};
 
@@ -70,33 +70,19 @@ async fn validate(inner: &Inner, stored: StoredBatch) -> Result<(), StoreError> 
     inner.store.clear_lines(&batch.id).await?;
     let errors = store_lines(inner, &stored).await?;
     let now = inner.now_secs();
-    if errors.is_empty() {
-        let started = inner
-            .store
-            .transition(
-                &batch.id,
-                &[BatchStatus::Validating],
-                BatchStatus::InProgress,
-                now,
-            )
-            .await?;
-        if started.is_some() {
-            inner.work.notify_one();
-        }
+    if !errors.is_empty() {
+        let failed = Finish::invalid(now, errors);
+        inner.store.finish(&batch.id, failed).await?;
         return Ok(());
     }
-    let finish = Finish {
-        status: BatchStatus::Failed,
+    let start = Transition {
+        from: BatchStatus::Validating,
+        to: BatchStatus::InProgress,
         at: now,
-        output: None,
-        error: None,
-        errors: Some(errors),
-        unfinished: 0,
     };
-    inner
-        .store
-        .finish(&batch.id, &[BatchStatus::Validating], finish)
-        .await?;
+    if inner.store.transition(&batch.id, start).await?.is_some() {
+        inner.work.notify_one();
+    }
     Ok(())
 }
 
@@ -175,15 +161,12 @@ async fn finish_if_done(inner: &Inner, progress: &Progress) -> Result<(), StoreE
     let now = inner.now_secs();
     let (status, from) = match progress.status {
         BatchStatus::InProgress if progress.settled => {
-            let entered = inner
-                .store
-                .transition(
-                    &progress.id,
-                    &[BatchStatus::InProgress],
-                    BatchStatus::Finalizing,
-                    now,
-                )
-                .await?;
+            let finalizing = Transition {
+                from: BatchStatus::InProgress,
+                to: BatchStatus::Finalizing,
+                at: now,
+            };
+            let entered = inner.store.transition(&progress.id, finalizing).await?;
             if entered.is_none() {
                 return Ok(());
             }
@@ -201,6 +184,7 @@ async fn finish_if_done(inner: &Inner, progress: &Progress) -> Result<(), StoreE
     let results = write_results(inner, progress, status, now).await?;
     let unfinished = results.unfinished;
     let finish = Finish {
+        from,
         status,
         at: now,
         output: results.output,
@@ -208,13 +192,8 @@ async fn finish_if_done(inner: &Inner, progress: &Progress) -> Result<(), StoreE
         errors: None,
         unfinished,
     };
-    if inner
-        .store
-        .finish(&progress.id, &[from], finish)
-        .await?
-        .is_some()
-        && unfinished > 0
-    {
+    let finished = inner.store.finish(&progress.id, finish).await?;
+    if finished.is_some() && unfinished > 0 {
         let counted = if status == BatchStatus::Expired {
             "expired"
         } else {

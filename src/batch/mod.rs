@@ -151,7 +151,7 @@ impl BatchService {
 
     /// Stops taking lines, lets the lines in flight finish for up to `grace` (their results are
     /// kept), abandons the rest (they run again at the next start) and releases the store.
-    pub async fn shutdown(self, grace: Duration) {
+    pub async fn shutdown(&self, grace: Duration) {
         let _ = self.inner.stop.send(Some(grace));
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         for mut task in tasks {

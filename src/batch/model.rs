@@ -213,6 +213,38 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A new batch, `validating`, that must end by `expires_at` (Unix seconds).
+    pub fn new(
+        id: String,
+        endpoint: String,
+        input_file_id: String,
+        created_at: u64,
+        expires_at: u64,
+    ) -> Batch {
+        Batch {
+            id,
+            object: "batch".to_owned(),
+            endpoint,
+            errors: None,
+            input_file_id,
+            completion_window: "24h".to_owned(),
+            status: BatchStatus::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            created_at,
+            in_progress_at: None,
+            expires_at: Some(expires_at),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            metadata: None,
+        }
+    }
+
     /// Moves the batch to `status` and stamps the matching `*_at` field.
     pub fn enter(&mut self, status: BatchStatus, at: u64) {
         self.status = status;
@@ -286,28 +318,13 @@ mod tests {
 
     #[test]
     fn a_batch_serializes_in_openai_shape() {
-        let mut batch = Batch {
-            id: "batch_1".into(),
-            object: "batch".into(),
-            endpoint: "/v1/chat/completions".into(),
-            errors: None,
-            input_file_id: "file-1".into(),
-            completion_window: "24h".into(),
-            status: BatchStatus::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            created_at: 10,
-            in_progress_at: None,
-            expires_at: Some(86_410),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            metadata: None,
-        };
+        let mut batch = Batch::new(
+            "batch_1".into(),
+            "/v1/chat/completions".into(),
+            "file-1".into(),
+            10,
+            86_410,
+        );
         batch.enter(BatchStatus::InProgress, 11);
         let json = serde_json::to_value(&batch).unwrap();
         assert_eq!(json["status"], "in_progress");

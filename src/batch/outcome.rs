@@ -176,21 +176,27 @@ mod tests {
         assert!(near_whole < Duration::from_secs(8) && near_whole > Duration::from_millis(7990));
     }
 
+    /// The file line a settled attempt wrote, and the status it counted as.
+    fn written(attempt: &Attempt) -> (serde_json::Value, &'static str) {
+        match decide(attempt, "c1", 0, POLICY, 1000, 0.5) {
+            (Settlement::Succeeded(line) | Settlement::Failed(line), status) => {
+                assert!(line.ends_with(b"\n"), "one JSONL line");
+                (serde_json::from_slice(&line).unwrap(), status)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn success_goes_to_the_output_file() {
-        let (settlement, status) = decide(&answer(200, None), "c1", 0, POLICY, 1000, 0.5);
-        let Settlement::Succeeded(line) = settlement else {
-            panic!("{settlement:?}")
-        };
+        let (json, status) = written(&answer(200, None));
         assert_eq!(status, "succeeded");
-        let json: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(json["custom_id"], "c1");
         assert_eq!(json["response"]["status_code"], 200);
         assert_eq!(json["response"]["request_id"], "r1");
         assert_eq!(json["response"]["body"]["ok"], 1);
         assert_eq!(json["error"], serde_json::Value::Null);
         assert!(json["id"].as_str().unwrap().starts_with("batch_req_"));
-        assert!(line.ends_with(b"\n"));
     }
 
     #[test]
@@ -219,12 +225,8 @@ mod tests {
 
     #[test]
     fn a_client_error_fails_at_once_with_its_answer() {
-        let (settlement, status) = decide(&answer(400, None), "c", 0, POLICY, 1000, 0.0);
-        let Settlement::Failed(line) = settlement else {
-            panic!("{settlement:?}")
-        };
+        let (json, status) = written(&answer(400, None));
         assert_eq!(status, "failed");
-        let json: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(json["response"]["status_code"], 400);
     }
 

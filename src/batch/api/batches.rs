@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{json, list_query, Answer, ApiError};
 use crate::batch::input::ENDPOINTS;
-use crate::batch::model::{new_id, Batch, BatchStatus, Page, RequestCounts};
+use crate::batch::model::{new_id, Batch, Page};
 use crate::batch::store::Cancel;
 use crate::batch::Inner;
 
@@ -126,38 +126,17 @@ where
         .code("too_many_requests"));
     }
     let now = inner.now_secs();
-    let batch = Batch {
-        id: new_id("batch_"),
-        object: "batch".to_owned(),
+    let mut batch = Batch::new(
+        new_id("batch_"),
         endpoint,
-        errors: None,
         input_file_id,
-        completion_window: WINDOW.to_owned(),
-        status: BatchStatus::Validating,
-        output_file_id: None,
-        error_file_id: None,
-        created_at: now,
-        in_progress_at: None,
-        expires_at: Some(now + WINDOW_SECS),
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        request_counts: RequestCounts::default(),
-        metadata: request.metadata,
-    };
+        now,
+        now + WINDOW_SECS,
+    );
+    batch.metadata = request.metadata;
     inner.store.insert_batch(owner, batch.clone()).await?;
     inner.lifecycle.notify_one();
     json(&batch)
-}
-
-pub(super) async fn list(inner: &Inner, owner: &str, query: Option<&str>) -> Answer {
-    let query = list_query(query, 20, 100)?;
-    let limit = query.limit;
-    let batches = inner.store.list_batches(owner, query).await?;
-    json(&Page::new(batches, limit, |batch| &batch.id))
 }
 
 pub(super) async fn get(inner: &Inner, owner: &str, id: &str) -> Answer {
@@ -165,6 +144,13 @@ pub(super) async fn get(inner: &Inner, owner: &str, id: &str) -> Answer {
         Some(batch) => json(&batch),
         None => Err(ApiError::no_such("Batch", id).param("batch_id")),
     }
+}
+
+pub(super) async fn list(inner: &Inner, owner: &str, query: Option<&str>) -> Answer {
+    let query = list_query(query, 20, 100)?;
+    let limit = query.limit;
+    let batches = inner.store.list_batches(owner, query).await?;
+    json(&Page::new(batches, limit, |batch| &batch.id))
 }
 
 pub(super) async fn cancel(inner: &Inner, owner: &str, id: &str) -> Answer {

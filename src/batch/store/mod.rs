@@ -132,10 +132,19 @@ pub struct Progress {
     pub leased: u64,
 }
 
-/// How a batch ends: its final status, the files made for it (listed in the same transaction),
-/// and for a batch that failed validation, why.
+/// A batch's move from one status to the next, at `at` (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub from: BatchStatus,
+    pub to: BatchStatus,
+    pub at: u64,
+}
+
+/// How a batch ends: from which status, its final status, the files made for it (listed in the
+/// same transaction), and for a batch that failed validation, why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
+    pub from: BatchStatus,
     pub status: BatchStatus,
     /// Unix seconds.
     pub at: u64,
@@ -144,6 +153,21 @@ pub struct Finish {
     pub errors: Option<Vec<LineError>>,
     /// Lines never run (cancelled or expired): counted as failed, as the error file lists them.
     pub unfinished: u64,
+}
+
+impl Finish {
+    /// A batch whose input failed validation, for `errors`.
+    pub fn invalid(at: u64, errors: Vec<LineError>) -> Finish {
+        Finish {
+            from: BatchStatus::Validating,
+            status: BatchStatus::Failed,
+            at,
+            output: None,
+            error: None,
+            errors: Some(errors),
+            unfinished: 0,
+        }
+    }
 }
 
 /// The answer to a cancel request.
@@ -189,16 +213,9 @@ pub trait BatchStore: Send + Sync + 'static {
     fn clear_lines(&self, batch_id: &str) -> StoreFuture<'_, ()>;
     /// Stores validated lines, `pending`.
     fn add_lines(&self, batch_id: &str, lines: Vec<NewLine>) -> StoreFuture<'_, ()>;
-    /// Moves a batch from one of `from` to `to` at `at` (Unix seconds); entering `in_progress`
-    /// fixes `request_counts.total` to the lines stored. `None` when the batch was in another
-    /// status.
-    fn transition(
-        &self,
-        batch_id: &str,
-        from: &[BatchStatus],
-        to: BatchStatus,
-        at: u64,
-    ) -> StoreFuture<'_, Option<Batch>>;
+    /// Moves a batch as `change` says; entering `in_progress` fixes `request_counts.total` to
+    /// the lines stored. `None` when the batch was not in `change.from`.
+    fn transition(&self, batch_id: &str, change: Transition) -> StoreFuture<'_, Option<Batch>>;
     fn cancel(&self, owner: &str, id: &str, at: u64) -> StoreFuture<'_, Cancel>;
 
     /// Batches workers may take lines from: `in_progress` and not past `expires_at`.
@@ -221,14 +238,9 @@ pub trait BatchStore: Send + Sync + 'static {
     fn next_due(&self, now_ms: u64) -> StoreFuture<'_, Option<u64>>;
     /// A batch's lines in input order, after line `after`, at most `limit`.
     fn lines(&self, batch_id: &str, after: u64, limit: usize) -> StoreFuture<'_, Vec<LineRecord>>;
-    /// Ends a batch that is in one of `from`: lists its files, sets its status, timestamps,
-    /// file ids and counts, and drops its lines, in one transaction.
-    fn finish(
-        &self,
-        batch_id: &str,
-        from: &[BatchStatus],
-        finish: Finish,
-    ) -> StoreFuture<'_, Option<Batch>>;
+    /// Ends a batch that is in `finish.from`: lists its files, sets its status, timestamps, file
+    /// ids and counts, and drops its lines, in one transaction. `None` when it was not.
+    fn finish(&self, batch_id: &str, finish: Finish) -> StoreFuture<'_, Option<Batch>>;
 
     /// Removes files created before `files_before` and batches that ended before
     /// `batches_before` (Unix seconds); returns how many objects went.

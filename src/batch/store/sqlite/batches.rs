@@ -4,8 +4,8 @@
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
 use super::files;
-use crate::batch::model::{Batch, BatchStatus, ListQuery, RequestCounts};
-use crate::batch::store::{Cancel, Finish, Progress, Stats, StoreError, StoredBatch};
+use crate::batch::model::{Batch, BatchErrors, BatchStatus, ListQuery, RequestCounts};
+use crate::batch::store::{Cancel, Finish, Progress, Stats, StoreError, StoredBatch, Transition};
 
 const COLUMNS: &str = "owner, object, total, completed, failed";
 
@@ -94,16 +94,7 @@ pub(super) fn list(
     owner: &str,
     query: &ListQuery,
 ) -> Result<Vec<Batch>, StoreError> {
-    let after: Option<i64> = match &query.after {
-        Some(id) => conn
-            .query_row(
-                "SELECT seq FROM batches WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
-                |row| row.get(0),
-            )
-            .optional()?,
-        None => None,
-    };
+    let after = super::cursor(conn, "batches", owner, query.after.as_deref())?;
     let mut statement = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM batches WHERE owner = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
     ))?;
@@ -129,36 +120,47 @@ pub(super) fn in_status(
     rows.map(|row| decode(row?)).collect()
 }
 
-pub(super) fn transition(
+/// Changes the batch `id` if it is in status `from`, in one transaction: `change` edits the
+/// object and the rows beside it, then the object is saved. `None` when the batch was not in
+/// `from`.
+fn update(
     conn: &mut Connection,
     id: &str,
-    from: &[BatchStatus],
-    to: BatchStatus,
-    at: u64,
+    from: BatchStatus,
+    change: impl FnOnce(&Transaction<'_>, &mut Batch) -> Result<(), StoreError>,
 ) -> Result<Option<Batch>, StoreError> {
     let tx = conn.transaction()?;
-    let Some(StoredBatch { mut batch, .. }) = get(&tx, None, id)? else {
+    let current = get(&tx, None, id)?.map(|stored| stored.batch);
+    let Some(mut batch) = current.filter(|batch| batch.status == from) else {
         return Ok(None);
     };
-    if !from.contains(&batch.status) {
-        return Ok(None);
-    }
-    if to == BatchStatus::InProgress {
-        let total: u64 = tx.query_row(
-            "SELECT count(*) FROM lines WHERE batch_id = ?1",
-            [id],
-            |row| row.get(0),
-        )?;
-        tx.execute(
-            "UPDATE batches SET total = ?2 WHERE id = ?1",
-            params![id, total],
-        )?;
-        batch.request_counts.total = total;
-    }
-    batch.enter(to, at);
+    change(&tx, &mut batch)?;
     save(&tx, &batch)?;
     tx.commit()?;
     Ok(Some(batch))
+}
+
+pub(super) fn transition(
+    conn: &mut Connection,
+    id: &str,
+    change: Transition,
+) -> Result<Option<Batch>, StoreError> {
+    update(conn, id, change.from, |tx, batch| {
+        if change.to == BatchStatus::InProgress {
+            let total: u64 = tx.query_row(
+                "SELECT count(*) FROM lines WHERE batch_id = ?1",
+                [id],
+                |row| row.get(0),
+            )?;
+            tx.execute(
+                "UPDATE batches SET total = ?2 WHERE id = ?1",
+                params![id, total],
+            )?;
+            batch.request_counts.total = total;
+        }
+        batch.enter(change.to, change.at);
+        Ok(())
+    })
 }
 
 pub(super) fn cancel(
@@ -223,37 +225,27 @@ pub(super) fn active(conn: &mut Connection) -> Result<Vec<Progress>, StoreError>
 pub(super) fn finish(
     conn: &mut Connection,
     id: &str,
-    from: &[BatchStatus],
     finish: Finish,
 ) -> Result<Option<Batch>, StoreError> {
-    let tx = conn.transaction()?;
-    let Some(StoredBatch { mut batch, .. }) = get(&tx, None, id)? else {
-        return Ok(None);
-    };
-    if !from.contains(&batch.status) {
-        return Ok(None);
-    }
-    for file in finish.output.iter().chain(&finish.error) {
-        files::insert(&tx, file)?;
-    }
-    batch.output_file_id = finish.output.map(|file| file.object.id);
-    batch.error_file_id = finish.error.map(|file| file.object.id);
-    if let Some(data) = finish.errors {
-        batch.errors = Some(crate::batch::model::BatchErrors {
+    update(conn, id, finish.from, |tx, batch| {
+        for file in finish.output.iter().chain(&finish.error) {
+            files::insert(tx, file)?;
+        }
+        batch.output_file_id = finish.output.map(|file| file.object.id);
+        batch.error_file_id = finish.error.map(|file| file.object.id);
+        batch.errors = finish.errors.map(|data| BatchErrors {
             object: "list".to_owned(),
             data,
         });
-    }
-    batch.enter(finish.status, finish.at);
-    tx.execute(
-        "UPDATE batches SET failed = failed + ?2 WHERE id = ?1",
-        params![id, finish.unfinished],
-    )?;
-    batch.request_counts.failed += finish.unfinished;
-    save(&tx, &batch)?;
-    tx.execute("DELETE FROM lines WHERE batch_id = ?1", [id])?;
-    tx.commit()?;
-    Ok(Some(batch))
+        batch.enter(finish.status, finish.at);
+        tx.execute(
+            "UPDATE batches SET failed = failed + ?2 WHERE id = ?1",
+            params![id, finish.unfinished],
+        )?;
+        batch.request_counts.failed += finish.unfinished;
+        tx.execute("DELETE FROM lines WHERE batch_id = ?1", [id])?;
+        Ok(())
+    })
 }
 
 /// Removes batches that ended before `before` (Unix seconds), with any lines left.

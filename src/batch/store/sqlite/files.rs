@@ -69,17 +69,7 @@ pub(super) fn list(
     owner: &str,
     query: &ListQuery,
 ) -> Result<Vec<FileObject>, StoreError> {
-    // The cursor is a position in creation order; an unknown `after` starts from the beginning.
-    let after: Option<i64> = match &query.after {
-        Some(id) => conn
-            .query_row(
-                "SELECT seq FROM files WHERE id = ?1 AND owner = ?2",
-                params![id, owner],
-                |row| row.get(0),
-            )
-            .optional()?,
-        None => None,
-    };
+    let after = super::cursor(conn, "files", owner, query.after.as_deref())?;
     let sql = if query.ascending {
         "SELECT object FROM files WHERE owner = ?1 AND seq > ?2 AND (?3 IS NULL OR purpose = ?3)
          ORDER BY seq ASC LIMIT ?4"

@@ -174,79 +174,67 @@ pub(super) fn page(
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use bytes::Bytes;
+
     use super::super::SqliteStore;
-    use crate::batch::model::{Batch, BatchStatus, RequestCounts};
-    use crate::batch::store::{BatchStore, LineState, NewLine, Settlement};
+    use crate::batch::model::{new_id, Batch, BatchStatus};
+    use crate::batch::store::{BatchStore, LineState, NewLine, Settlement, Transition};
 
-    fn temp_dir(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "openrouter-proxy-{name}-{}",
-            crate::batch::model::new_id("")
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn batch(id: &str) -> Batch {
-        Batch {
-            id: id.to_owned(),
-            object: "batch".to_owned(),
-            endpoint: "/v1/chat/completions".to_owned(),
-            errors: None,
-            input_file_id: "file-x".to_owned(),
-            completion_window: "24h".to_owned(),
-            status: BatchStatus::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            created_at: 1,
-            in_progress_at: None,
-            expires_at: Some(10_000_000_000),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            metadata: None,
-        }
-    }
-
-    async fn running_store(dir: &std::path::Path, lines: u64) -> SqliteStore {
-        let store = SqliteStore::open(dir).unwrap();
-        store.insert_batch("alice", batch("batch_1")).await.unwrap();
+    /// A store on a fresh directory holding `batch_1` of `alice`, running, with `lines` lines.
+    async fn running_store(name: &str, lines: u64) -> (PathBuf, SqliteStore) {
+        let dir = std::env::temp_dir().join(format!("openrouter-proxy-{name}-{}", new_id("")));
+        let store = SqliteStore::open(&dir).unwrap();
+        let batch = Batch::new(
+            "batch_1".into(),
+            "/v1/embeddings".into(),
+            "f".into(),
+            1,
+            1 << 40,
+        );
+        store.insert_batch("alice", batch).await.unwrap();
         let new = (1..=lines)
             .map(|line| NewLine {
                 line,
                 custom_id: format!("c{line}"),
-                body: bytes::Bytes::from_static(b"{\"model\":\"m\"}"),
+                body: Bytes::from_static(b"{\"model\":\"m\"}"),
             })
             .collect();
         store.add_lines("batch_1", new).await.unwrap();
         let started = store
             .transition(
                 "batch_1",
-                &[BatchStatus::Validating],
-                BatchStatus::InProgress,
-                2,
+                Transition {
+                    from: BatchStatus::Validating,
+                    to: BatchStatus::InProgress,
+                    at: 2,
+                },
             )
             .await
             .unwrap()
             .unwrap();
         assert_eq!(started.request_counts.total, lines);
-        store
+        (dir, store)
+    }
+
+    async fn remove(dir: PathBuf, store: SqliteStore) {
+        store.close().await.unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    async fn states(store: &SqliteStore) -> Vec<LineState> {
+        let lines = store.lines("batch_1", 0, 100).await.unwrap();
+        lines.into_iter().map(|line| line.state).collect()
     }
 
     #[tokio::test]
     async fn a_line_moves_through_its_states_with_its_result() {
-        let dir = temp_dir("states");
-        let store = running_store(&dir, 2).await;
+        let (dir, store) = running_store("states", 2).await;
         let first = store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
         assert_eq!((first.line, first.attempts), (1, 0));
-        assert!(store
-            .settle("batch_1", 1, Settlement::RetryAt(3000))
-            .await
-            .unwrap());
+        let retry = Settlement::RetryAt(3000);
+        assert!(store.settle("batch_1", 1, retry).await.unwrap());
         // Not due yet: the pending line comes next, then nothing until the retry is due.
         let second = store.lease("batch_1", 2000, 5000).await.unwrap().unwrap();
         assert_eq!(second.line, 2);
@@ -254,64 +242,43 @@ mod tests {
         assert_eq!(store.next_due(2000).await.unwrap(), Some(3000));
         let again = store.lease("batch_1", 3000, 5000).await.unwrap().unwrap();
         assert_eq!((again.line, again.attempts), (1, 1));
-        let out = bytes::Bytes::from_static(b"{}\n");
-        assert!(store
-            .settle("batch_1", 1, Settlement::Succeeded(out.clone()))
-            .await
-            .unwrap());
+        let out = Bytes::from_static(b"{}\n");
+        let done = Settlement::Succeeded(out.clone());
+        assert!(store.settle("batch_1", 1, done).await.unwrap());
         // A settled line is never settled (nor counted) twice.
-        assert!(!store
-            .settle("batch_1", 1, Settlement::Failed(out))
-            .await
-            .unwrap());
+        let late = Settlement::Failed(out);
+        assert!(!store.settle("batch_1", 1, late).await.unwrap());
         let batch = store.batch("alice", "batch_1").await.unwrap().unwrap();
+        let counts = batch.request_counts;
+        assert_eq!((counts.completed, counts.failed), (1, 0));
         assert_eq!(
-            (batch.request_counts.completed, batch.request_counts.failed),
-            (1, 0)
+            states(&store).await,
+            [LineState::Succeeded, LineState::Leased]
         );
-        let lines = store.lines("batch_1", 0, 10).await.unwrap();
-        assert_eq!(lines[0].state, LineState::Succeeded);
-        assert_eq!(lines[1].state, LineState::Leased);
         assert_eq!(store.batch("bob", "batch_1").await.unwrap(), None);
-        store.close().await.unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
+        remove(dir, store).await;
     }
 
     #[tokio::test]
     async fn leases_of_a_dead_process_are_released_and_results_kept() {
-        let dir = temp_dir("reopen");
-        let store = running_store(&dir, 3).await;
+        let (dir, store) = running_store("reopen", 3).await;
         store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
         store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
-        let out = bytes::Bytes::from_static(b"{}\n");
-        store
-            .settle("batch_1", 1, Settlement::Succeeded(out))
-            .await
-            .unwrap();
+        let done = Settlement::Succeeded(Bytes::from_static(b"{}\n"));
+        store.settle("batch_1", 1, done).await.unwrap();
         store.close().await.unwrap();
 
         let store = SqliteStore::open(&dir).unwrap();
-        let states: Vec<_> = store
-            .lines("batch_1", 0, 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| l.state)
-            .collect();
-        assert_eq!(
-            states,
-            [LineState::Succeeded, LineState::Pending, LineState::Pending]
-        );
+        let expected = [LineState::Succeeded, LineState::Pending, LineState::Pending];
+        assert_eq!(states(&store).await, expected);
         let next = store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
         assert_eq!(next.line, 2);
-        store.close().await.unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
+        remove(dir, store).await;
     }
 
     #[tokio::test]
     async fn a_second_process_cannot_open_a_store_in_use() {
-        let dir = temp_dir("exclusive");
-        let store = running_store(&dir, 1).await;
+        let (dir, store) = running_store("exclusive", 1).await;
         // The first process holds the lock from its first statement on.
         let conn = rusqlite::Connection::open(dir.join("batches.sqlite3")).unwrap();
         conn.busy_timeout(std::time::Duration::ZERO).unwrap();
@@ -320,7 +287,7 @@ mod tests {
             busy.is_err(),
             "the store was readable by a second connection"
         );
-        store.close().await.unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
+        drop(conn);
+        remove(dir, store).await;
     }
 }

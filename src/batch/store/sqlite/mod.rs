@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::io::AsyncWriteExt;
 
 use super::{
     BatchStore, Cancel, ContentReader, ContentWriter, Finish, LeasedLine, LineRecord, NewLine,
-    Progress, Settlement, Stats, StoreError, StoreFuture, StoredBatch, StoredFile,
+    Progress, Settlement, Stats, StoreError, StoreFuture, StoredBatch, StoredFile, Transition,
 };
 use crate::batch::model::{Batch, BatchStatus, FileObject, ListQuery};
 
@@ -137,6 +137,23 @@ impl SqliteStore {
     }
 }
 
+/// Where a list resumes: the position of the object `after` of `owner` in `table`, in creation
+/// order. An unknown `after` starts from the beginning.
+fn cursor(
+    conn: &Connection,
+    table: &str,
+    owner: &str,
+    after: Option<&str>,
+) -> Result<Option<i64>, StoreError> {
+    let Some(after) = after else {
+        return Ok(None);
+    };
+    let sql = format!("SELECT seq FROM {table} WHERE id = ?1 AND owner = ?2");
+    Ok(conn
+        .query_row(&sql, rusqlite::params![after, owner], |row| row.get(0))
+        .optional()?)
+}
+
 /// A content file being written as `<id>.part`, renamed to `<id>` when closed.
 struct PartFile {
     file: Option<tokio::fs::File>,
@@ -255,15 +272,9 @@ impl BatchStore for SqliteStore {
         self.run(move |conn| lines::add(conn, &batch_id, &new))
     }
 
-    fn transition(
-        &self,
-        batch_id: &str,
-        from: &[BatchStatus],
-        to: BatchStatus,
-        at: u64,
-    ) -> StoreFuture<'_, Option<Batch>> {
-        let (batch_id, from) = (batch_id.to_owned(), from.to_vec());
-        self.run(move |conn| batches::transition(conn, &batch_id, &from, to, at))
+    fn transition(&self, batch_id: &str, change: Transition) -> StoreFuture<'_, Option<Batch>> {
+        let batch_id = batch_id.to_owned();
+        self.run(move |conn| batches::transition(conn, &batch_id, change))
     }
 
     fn cancel(&self, owner: &str, id: &str, at: u64) -> StoreFuture<'_, Cancel> {
@@ -303,14 +314,9 @@ impl BatchStore for SqliteStore {
         self.run(move |conn| lines::page(conn, &batch_id, after, limit))
     }
 
-    fn finish(
-        &self,
-        batch_id: &str,
-        from: &[BatchStatus],
-        finish: Finish,
-    ) -> StoreFuture<'_, Option<Batch>> {
-        let (batch_id, from) = (batch_id.to_owned(), from.to_vec());
-        self.run(move |conn| batches::finish(conn, &batch_id, &from, finish))
+    fn finish(&self, batch_id: &str, finish: Finish) -> StoreFuture<'_, Option<Batch>> {
+        let batch_id = batch_id.to_owned();
+        self.run(move |conn| batches::finish(conn, &batch_id, finish))
     }
 
     fn sweep(&self, files_before: u64, batches_before: u64) -> StoreFuture<'_, u64> {
