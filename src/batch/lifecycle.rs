@@ -26,10 +26,21 @@ const CHUNK: usize = 1000;
 /// A failed batch reports at most this many line errors.
 const MAX_ERRORS: usize = 1000;
 
+/// When the periodic work (retention, gauges) is next due.
+struct Due {
+    /// In the service's clock (Unix seconds), so that a clock moved forward sweeps at once.
+    sweep: u64,
+    /// The gauges count every unsettled line: once per [`TICK`], not once per settled line.
+    publish: tokio::time::Instant,
+}
+
 pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<Option<Duration>>) {
-    let mut next_sweep = 0;
+    let mut due = Due {
+        sweep: 0,
+        publish: tokio::time::Instant::now(),
+    };
     loop {
-        if let Err(error) = tick(&inner, &mut next_sweep).await {
+        if let Err(error) = tick(&inner, &mut due).await {
             tracing::warn!(%error, "batch lifecycle step failed; it is tried again");
         }
         tokio::select! {
@@ -40,7 +51,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<Option<Dura
     }
 }
 
-async fn tick(inner: &Inner, next_sweep: &mut u64) -> Result<(), StoreError> {
+async fn tick(inner: &Inner, due: &mut Due) -> Result<(), StoreError> {
     for batch in inner.store.batches_in(BatchStatus::Validating).await? {
         validate(inner, batch).await?;
     }
@@ -48,7 +59,7 @@ async fn tick(inner: &Inner, next_sweep: &mut u64) -> Result<(), StoreError> {
         finish_if_done(inner, &progress).await?;
     }
     let now = inner.now_secs();
-    if now >= *next_sweep {
+    if now >= due.sweep {
         let cutoff = now.saturating_sub(inner.config.retention.as_secs());
         let removed = inner.store.sweep(cutoff, cutoff).await?;
         if removed > 0 {
@@ -57,9 +68,12 @@ async fn tick(inner: &Inner, next_sweep: &mut u64) -> Result<(), StoreError> {
                 "batch files and batches past their retention removed"
             );
         }
-        *next_sweep = now + SWEEP_EVERY_SECS;
+        due.sweep = now + SWEEP_EVERY_SECS;
     }
-    metrics::publish(&inner.store.stats().await?);
+    if tokio::time::Instant::now() >= due.publish {
+        metrics::publish(&inner.store.stats().await?);
+        due.publish = tokio::time::Instant::now() + TICK;
+    }
     Ok(())
 }
 

@@ -117,6 +117,7 @@ impl BatchService {
         live: Arc<AtomicUsize>,
         clock: Arc<dyn Clock>,
     ) -> BatchService {
+        metrics::describe();
         let (stop, stopping) = watch::channel(None);
         let inner = Arc::new(Inner {
             config,

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use super::executor::LineRequest;
 use super::model::{millis, random_fraction, unix_millis, unix_secs};
 use super::outcome::{decide, Attempt, RetryPolicy};
-use super::store::{LeasedLine, Progress, Settlement, StoreError};
+use super::store::{Lease, LeasedLine, Progress, Settlement, StoreError};
 use super::{metrics, stopped, Inner};
 
 /// Longest sleep with nothing to do: bounds how late a clock change or a missed wake-up is seen.
@@ -35,31 +35,30 @@ pub(super) async fn dispatch(inner: Arc<Inner>, mut stop: watch::Receiver<Option
     let mut turn = 0;
     loop {
         while running.try_join_next().is_some() {}
-        let permit = tokio::select! {
+        let first = tokio::select! {
             permit = permits.clone().acquire_owned() => permit,
             () = stopped(&mut stop) => break,
         };
-        let Ok(permit) = permit else { break };
+        let Ok(first) = first else { break };
         if !room_for_batch_work(&inner, &mut stop).await {
             break;
         }
-        match next_line(&inner, &mut turn).await {
-            Ok(Some(work)) => {
-                running.spawn(run_line(inner.clone(), work, permit));
-            }
-            Ok(None) => {
-                drop(permit);
-                if !idle(&inner, &mut stop).await {
-                    break;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "batch workers could not read the store");
-                drop(permit);
-                if !idle(&inner, &mut stop).await {
-                    break;
-                }
-            }
+        // Every free slot is filled from one look at the store.
+        let mut free = vec![first];
+        free.extend(std::iter::from_fn(|| {
+            permits.clone().try_acquire_owned().ok()
+        }));
+        let leased = next_lines(&inner, &mut turn, free.len()).await;
+        let work = leased.unwrap_or_else(|error| {
+            tracing::warn!(%error, "batch workers could not read the store");
+            Vec::new()
+        });
+        let idle_now = work.is_empty();
+        for (work, permit) in work.into_iter().zip(free) {
+            running.spawn(run_line(inner.clone(), work, permit));
+        }
+        if idle_now && !idle(&inner, &mut stop).await {
+            break;
         }
     }
     let grace = stop.borrow().unwrap_or_default();
@@ -81,23 +80,41 @@ async fn room_for_batch_work(inner: &Inner, stop: &mut watch::Receiver<Option<Du
     true
 }
 
-/// Leases the next due line, trying the running batches in turn from where the last lease left
-/// off, so that every running batch progresses.
-async fn next_line(inner: &Inner, turn: &mut usize) -> Result<Option<Work>, StoreError> {
+/// Leases up to `wanted` due lines, shared out over the running batches in turn from where the
+/// last lease left off (what one batch cannot use goes to the next), so that every running batch
+/// progresses.
+async fn next_lines(
+    inner: &Inner,
+    turn: &mut usize,
+    wanted: usize,
+) -> Result<Vec<Work>, StoreError> {
     let now = inner.now();
-    let (now_ms, now_secs) = (unix_millis(now), unix_secs(now));
+    let now_ms = unix_millis(now);
     let until_ms = now_ms.saturating_add(millis(inner.config.claim_after));
-    let batches = inner.store.running(now_secs).await?;
+    let batches = inner.store.running(unix_secs(now)).await?;
     let count = batches.len();
+    let mut work = Vec::with_capacity(wanted);
     for k in 0..count {
-        let i = (*turn + k) % count;
-        if let Some(line) = inner.store.lease(&batches[i].id, now_ms, until_ms).await? {
-            *turn = (i + 1) % count;
-            let batch = batches[i].clone();
-            return Ok(Some(Work { batch, line }));
+        let left = wanted - work.len();
+        if left == 0 {
+            break;
         }
+        let i = (*turn + k) % count;
+        let lease = Lease {
+            now_ms,
+            until_ms,
+            max: left.div_ceil(count - k),
+        };
+        let leased = inner.store.lease(&batches[i].id, lease).await?;
+        if !leased.is_empty() {
+            *turn = (i + 1) % count;
+        }
+        work.extend(leased.into_iter().map(|line| Work {
+            batch: batches[i].clone(),
+            line,
+        }));
     }
-    Ok(None)
+    Ok(work)
 }
 
 /// Nothing to lease: sleeps until the next retry is due, a wake-up, or [`IDLE_MAX`]. `false`

@@ -22,7 +22,7 @@ use openrouter_proxy::batch::{
 use openrouter_proxy::config::BatchConfig;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::{client, python, read_all, root, send, Recorded, Reply, TestClient, PATIENCE};
@@ -214,6 +214,10 @@ async fn serve(listener: TcpListener, service: Arc<BatchService>) {
 /// Runs `tests/sdk/batch_python.py` with `args` as the caller `owner` and returns the JSON it
 /// printed; fails the test with the client's output unless it succeeds.
 pub async fn python_batch(server: &BatchServer, owner: &str, args: &[&str]) -> Value {
+    // Tests run in parallel; a few interpreters at a time start faster than all at once on a
+    // loaded machine.
+    static CLIENTS: Semaphore = Semaphore::const_new(2);
+    let _turn = CLIENTS.acquire().await.unwrap();
     let mut client = tokio::process::Command::new(python());
     client
         .arg(root().join("tests/sdk/batch_python.py"))
@@ -225,7 +229,7 @@ pub async fn python_batch(server: &BatchServer, owner: &str, args: &[&str]) -> V
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let running = client.spawn().expect("could not start the SDK client");
-    let finished = tokio::time::timeout(PATIENCE * 3, running.wait_with_output()).await;
+    let finished = tokio::time::timeout(PATIENCE * 6, running.wait_with_output()).await;
     let output = finished
         .expect("the SDK client did not finish in time")
         .expect("the SDK client's output could not be read");

@@ -86,6 +86,15 @@ pub struct NewLine {
     pub body: Bytes,
 }
 
+/// Which lines a worker takes: at most `max` that are due at `now_ms`, held until `until_ms`
+/// (Unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub now_ms: u64,
+    pub until_ms: u64,
+    pub max: usize,
+}
+
 /// A line a worker now holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeasedLine {
@@ -222,14 +231,9 @@ pub trait BatchStore: Send + Sync + 'static {
     fn running(&self, now_secs: u64) -> StoreFuture<'_, Vec<Progress>>;
     /// Batches in `in_progress`, `finalizing` or `cancelling`, with their line counts.
     fn active(&self) -> StoreFuture<'_, Vec<Progress>>;
-    /// Leases the batch's next line that is due at `now_ms` (a due retry first, then the first
-    /// pending line) until `until_ms`; `None` when none is due or the batch stopped running.
-    fn lease(
-        &self,
-        batch_id: &str,
-        now_ms: u64,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<LeasedLine>>;
+    /// Leases the batch's next lines that are due (due retries first, then pending lines in
+    /// input order); none when none is due or the batch stopped running.
+    fn lease(&self, batch_id: &str, lease: Lease) -> StoreFuture<'_, Vec<LeasedLine>>;
     /// Ends a lease, counting the attempt: in one transaction, the line's new state, its result
     /// and the batch's `request_counts`. `false` when the line was not leased (nothing changed).
     fn settle(&self, batch_id: &str, line: u64, settlement: Settlement) -> StoreFuture<'_, bool>;

@@ -201,23 +201,32 @@ fn progress(row: &Row<'_>) -> rusqlite::Result<Progress> {
     })
 }
 
-const PROGRESS: &str = "SELECT b.id, b.owner, b.endpoint, b.status, b.expires_at, b.total,
-    b.completed + b.failed,
-    (SELECT count(*) FROM lines l WHERE l.batch_id = b.id AND l.state = 'leased')
-    FROM batches b";
+const COUNT_LEASED: &str =
+    "(SELECT count(*) FROM lines l WHERE l.batch_id = b.id AND l.state = 'leased')";
+
+/// The progress of the batches that pass `filter`; `leased` is how their leased lines are
+/// counted.
+fn progress_query(leased: &str, filter: &str) -> String {
+    format!(
+        "SELECT b.id, b.owner, b.endpoint, b.status, b.expires_at, b.total,
+         b.completed + b.failed, {leased} FROM batches b {filter} ORDER BY b.seq"
+    )
+}
 
 pub(super) fn running(conn: &mut Connection, now_secs: u64) -> Result<Vec<Progress>, StoreError> {
-    let mut statement = conn.prepare_cached(&format!(
-        "{PROGRESS} WHERE b.status = 'in_progress' AND b.expires_at > ?1 ORDER BY b.seq"
-    ))?;
+    // Workers ask before every lease; they need no count of leases.
+    let sql = progress_query("0", "WHERE b.status = 'in_progress' AND b.expires_at > ?1");
+    let mut statement = conn.prepare_cached(&sql)?;
     let rows = statement.query_map([now_secs], progress)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 pub(super) fn active(conn: &mut Connection) -> Result<Vec<Progress>, StoreError> {
-    let mut statement = conn.prepare_cached(&format!(
-        "{PROGRESS} WHERE b.status IN ('in_progress', 'finalizing', 'cancelling') ORDER BY b.seq"
-    ))?;
+    let sql = progress_query(
+        COUNT_LEASED,
+        "WHERE b.status IN ('in_progress', 'finalizing', 'cancelling')",
+    );
+    let mut statement = conn.prepare_cached(&sql)?;
     let rows = statement.query_map([], progress)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -261,8 +270,10 @@ pub(super) fn sweep(conn: &mut Connection, before: u64) -> Result<u64, StoreErro
 }
 
 pub(super) fn stats(conn: &mut Connection) -> Result<Stats, StoreError> {
+    // The counters say it without reading a line.
     let queue_depth = conn.query_row(
-        "SELECT count(*) FROM lines WHERE state IN ('pending', 'leased', 'retry_at')",
+        "SELECT coalesce(sum(total - completed - failed), 0) FROM batches
+         WHERE status IN ('in_progress', 'finalizing', 'cancelling')",
         [],
         |row| row.get(0),
     )?;

@@ -3,9 +3,11 @@
 //! States: `pending` (due now, `due_ms` 0), `leased` (`due_ms` is the lease's end), `retry_at`
 //! (`due_ms` is when it may run again), `succeeded` and `failed` (with their result).
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
-use crate::batch::store::{LeasedLine, LineRecord, LineState, NewLine, Settlement, StoreError};
+use crate::batch::store::{
+    Lease, LeasedLine, LineRecord, LineState, NewLine, Settlement, StoreError,
+};
 
 /// At start-up nothing runs yet: every lease belongs to a process that is gone.
 pub(super) fn release_leases(conn: &Connection) -> Result<(), StoreError> {
@@ -45,61 +47,74 @@ pub(super) fn add(
     Ok(())
 }
 
+/// Line numbers of a batch to lease next: due retries first (they have waited longest), then
+/// pending lines in input order; at most `max`.
+fn due_lines(
+    tx: &Transaction<'_>,
+    batch_id: &str,
+    now_ms: u64,
+    max: usize,
+) -> Result<Vec<u64>, StoreError> {
+    let mut lines = Vec::with_capacity(max);
+    let queries = [
+        "SELECT line FROM lines WHERE batch_id = ?1 AND state = 'retry_at' AND due_ms <= ?2
+         ORDER BY due_ms LIMIT ?3",
+        // ?2 is unused here; numbered parameters let both queries take the same three.
+        "SELECT line FROM lines WHERE batch_id = ?1 AND state = 'pending' AND due_ms = 0
+         ORDER BY line LIMIT ?3",
+    ];
+    for sql in queries {
+        let wanted = max - lines.len();
+        if wanted == 0 {
+            break;
+        }
+        let mut statement = tx.prepare_cached(sql)?;
+        let rows = statement.query_map(params![batch_id, now_ms, wanted], |row| row.get(0))?;
+        for line in rows {
+            lines.push(line?);
+        }
+    }
+    Ok(lines)
+}
+
 pub(super) fn lease(
     conn: &mut Connection,
     batch_id: &str,
-    now_ms: u64,
-    until_ms: u64,
-) -> Result<Option<LeasedLine>, StoreError> {
+    lease: Lease,
+) -> Result<Vec<LeasedLine>, StoreError> {
     let tx = conn.transaction()?;
     let running: Option<bool> = tx
         .query_row(
             "SELECT status = 'in_progress' AND expires_at * 1000 > ?2 FROM batches WHERE id = ?1",
-            params![batch_id, now_ms],
+            params![batch_id, lease.now_ms],
             |row| row.get(0),
         )
         .optional()?;
     if running != Some(true) {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    // A retry that is due has waited longest; then input order.
-    let retry: Option<u64> = tx
-        .query_row(
-            "SELECT line FROM lines WHERE batch_id = ?1 AND state = 'retry_at' AND due_ms <= ?2
-             ORDER BY due_ms LIMIT 1",
-            params![batch_id, now_ms],
-            |row| row.get(0),
-        )
-        .optional()?;
-    let line = match retry {
-        Some(line) => Some(line),
-        None => tx
-            .query_row(
-                "SELECT line FROM lines WHERE batch_id = ?1 AND state = 'pending' AND due_ms = 0
-                 ORDER BY line LIMIT 1",
-                [batch_id],
-                |row| row.get(0),
-            )
-            .optional()?,
-    };
-    let Some(line) = line else {
-        return Ok(None);
-    };
-    let leased = tx.query_row(
-        "UPDATE lines SET state = 'leased', due_ms = ?3 WHERE batch_id = ?1 AND line = ?2
-         RETURNING custom_id, body, attempts",
-        params![batch_id, line, until_ms],
-        |row| {
-            Ok(LeasedLine {
-                line,
-                custom_id: row.get(0)?,
-                body: row.get::<_, Vec<u8>>(1)?.into(),
-                attempts: row.get(2)?,
-            })
-        },
-    )?;
+    let lines = due_lines(&tx, batch_id, lease.now_ms, lease.max)?;
+    let mut leased = Vec::with_capacity(lines.len());
+    {
+        let mut take = tx.prepare_cached(
+            "UPDATE lines SET state = 'leased', due_ms = ?3 WHERE batch_id = ?1 AND line = ?2
+             RETURNING custom_id, body, attempts",
+        )?;
+        for line in lines {
+            leased.push(
+                take.query_row(params![batch_id, line, lease.until_ms], |row| {
+                    Ok(LeasedLine {
+                        line,
+                        custom_id: row.get(0)?,
+                        body: row.get::<_, Vec<u8>>(1)?.into(),
+                        attempts: row.get(2)?,
+                    })
+                })?,
+            );
+        }
+    }
     tx.commit()?;
-    Ok(Some(leased))
+    Ok(leased)
 }
 
 pub(super) fn settle(
@@ -134,8 +149,8 @@ pub(super) fn settle(
 
 pub(super) fn next_due(conn: &mut Connection, now_ms: u64) -> Result<Option<u64>, StoreError> {
     Ok(conn.query_row(
-        "SELECT min(l.due_ms) FROM lines l JOIN batches b ON b.id = l.batch_id
-         WHERE l.state = 'retry_at' AND b.status = 'in_progress' AND b.expires_at * 1000 > ?1",
+        "SELECT min(l.due_ms) FROM batches b JOIN lines l ON l.batch_id = b.id
+         WHERE b.status = 'in_progress' AND b.expires_at * 1000 > ?1 AND l.state = 'retry_at'",
         [now_ms],
         |row| row.get(0),
     )?)
@@ -180,7 +195,9 @@ mod tests {
 
     use super::super::SqliteStore;
     use crate::batch::model::{new_id, Batch, BatchStatus};
-    use crate::batch::store::{BatchStore, LineState, NewLine, Settlement, Transition};
+    use crate::batch::store::{
+        BatchStore, Lease, LeasedLine, LineState, NewLine, Settlement, Transition,
+    };
 
     /// A store on a fresh directory holding `batch_1` of `alice`, running, with `lines` lines.
     async fn running_store(name: &str, lines: u64) -> (PathBuf, SqliteStore) {
@@ -223,6 +240,16 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Leases at most one line at `now_ms`.
+    async fn lease_one(store: &SqliteStore, now_ms: u64) -> Option<LeasedLine> {
+        let lease = Lease {
+            now_ms,
+            until_ms: 5000,
+            max: 1,
+        };
+        store.lease("batch_1", lease).await.unwrap().pop()
+    }
+
     async fn states(store: &SqliteStore) -> Vec<LineState> {
         let lines = store.lines("batch_1", 0, 100).await.unwrap();
         lines.into_iter().map(|line| line.state).collect()
@@ -231,16 +258,16 @@ mod tests {
     #[tokio::test]
     async fn a_line_moves_through_its_states_with_its_result() {
         let (dir, store) = running_store("states", 2).await;
-        let first = store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
+        let first = lease_one(&store, 1000).await.unwrap();
         assert_eq!((first.line, first.attempts), (1, 0));
         let retry = Settlement::RetryAt(3000);
         assert!(store.settle("batch_1", 1, retry).await.unwrap());
         // Not due yet: the pending line comes next, then nothing until the retry is due.
-        let second = store.lease("batch_1", 2000, 5000).await.unwrap().unwrap();
+        let second = lease_one(&store, 2000).await.unwrap();
         assert_eq!(second.line, 2);
-        assert_eq!(store.lease("batch_1", 2000, 5000).await.unwrap(), None);
+        assert_eq!(lease_one(&store, 2000).await, None);
         assert_eq!(store.next_due(2000).await.unwrap(), Some(3000));
-        let again = store.lease("batch_1", 3000, 5000).await.unwrap().unwrap();
+        let again = lease_one(&store, 3000).await.unwrap();
         assert_eq!((again.line, again.attempts), (1, 1));
         let out = Bytes::from_static(b"{}\n");
         let done = Settlement::Succeeded(out.clone());
@@ -260,10 +287,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn several_lines_are_leased_at_once_retries_first() {
+        let (dir, store) = running_store("several", 5).await;
+        let first = lease_one(&store, 1000).await.unwrap();
+        let retry = Settlement::RetryAt(1500);
+        assert!(store.settle("batch_1", first.line, retry).await.unwrap());
+        let lease = Lease {
+            now_ms: 2000,
+            until_ms: 9000,
+            max: 3,
+        };
+        let leased = store.lease("batch_1", lease).await.unwrap();
+        let lines: Vec<u64> = leased.iter().map(|line| line.line).collect();
+        assert_eq!(lines, [1, 2, 3]);
+        assert_eq!(leased[0].attempts, 1);
+        remove(dir, store).await;
+    }
+
+    #[tokio::test]
     async fn leases_of_a_dead_process_are_released_and_results_kept() {
         let (dir, store) = running_store("reopen", 3).await;
-        store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
-        store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
+        lease_one(&store, 1000).await.unwrap();
+        lease_one(&store, 1000).await.unwrap();
         let done = Settlement::Succeeded(Bytes::from_static(b"{}\n"));
         store.settle("batch_1", 1, done).await.unwrap();
         store.close().await.unwrap();
@@ -271,7 +316,7 @@ mod tests {
         let store = SqliteStore::open(&dir).unwrap();
         let expected = [LineState::Succeeded, LineState::Pending, LineState::Pending];
         assert_eq!(states(&store).await, expected);
-        let next = store.lease("batch_1", 1000, 5000).await.unwrap().unwrap();
+        let next = lease_one(&store, 1000).await.unwrap();
         assert_eq!(next.line, 2);
         remove(dir, store).await;
     }

@@ -15,8 +15,9 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::io::AsyncWriteExt;
 
 use super::{
-    BatchStore, Cancel, ContentReader, ContentWriter, Finish, LeasedLine, LineRecord, NewLine,
-    Progress, Settlement, Stats, StoreError, StoreFuture, StoredBatch, StoredFile, Transition,
+    BatchStore, Cancel, ContentReader, ContentWriter, Finish, Lease, LeasedLine, LineRecord,
+    NewLine, Progress, Settlement, Stats, StoreError, StoreFuture, StoredBatch, StoredFile,
+    Transition,
 };
 use crate::batch::model::{Batch, BatchStatus, FileObject, ListQuery};
 
@@ -76,7 +77,6 @@ CREATE TABLE IF NOT EXISTS lines (
     PRIMARY KEY (batch_id, line)
 );
 CREATE INDEX IF NOT EXISTS lines_by_state ON lines(batch_id, state, due_ms, line);
-CREATE INDEX IF NOT EXISTS lines_due ON lines(state, due_ms);
 ";
 
 /// The embedded store on a directory. See the module documentation for its guarantees.
@@ -290,14 +290,9 @@ impl BatchStore for SqliteStore {
         self.run(batches::active)
     }
 
-    fn lease(
-        &self,
-        batch_id: &str,
-        now_ms: u64,
-        until_ms: u64,
-    ) -> StoreFuture<'_, Option<LeasedLine>> {
+    fn lease(&self, batch_id: &str, lease: Lease) -> StoreFuture<'_, Vec<LeasedLine>> {
         let batch_id = batch_id.to_owned();
-        self.run(move |conn| lines::lease(conn, &batch_id, now_ms, until_ms))
+        self.run(move |conn| lines::lease(conn, &batch_id, lease))
     }
 
     fn settle(&self, batch_id: &str, line: u64, settlement: Settlement) -> StoreFuture<'_, bool> {
