@@ -247,11 +247,15 @@ pub(super) fn finish(
             data,
         });
         batch.enter(finish.status, finish.at);
+        // A batch cancelled while it was validated never had its total fixed: every line it
+        // stored is then counted here.
+        let counts = &mut batch.request_counts;
+        counts.failed += finish.unfinished;
+        counts.total = counts.total.max(counts.completed + counts.failed);
         tx.execute(
-            "UPDATE batches SET failed = failed + ?2 WHERE id = ?1",
-            params![id, finish.unfinished],
+            "UPDATE batches SET failed = ?2, total = ?3 WHERE id = ?1",
+            params![id, counts.failed, counts.total],
         )?;
-        batch.request_counts.failed += finish.unfinished;
         tx.execute("DELETE FROM lines WHERE batch_id = ?1", [id])?;
         Ok(())
     })

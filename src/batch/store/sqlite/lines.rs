@@ -196,7 +196,7 @@ mod tests {
     use super::super::SqliteStore;
     use crate::batch::model::{new_id, Batch, BatchStatus};
     use crate::batch::store::{
-        BatchStore, Lease, LeasedLine, LineState, NewLine, Settlement, Transition,
+        BatchStore, Cancel, Finish, Lease, LeasedLine, LineState, NewLine, Settlement, Transition,
     };
 
     /// A store on a fresh directory holding `batch_1` of `alice`, running, with `lines` lines.
@@ -301,6 +301,46 @@ mod tests {
         let lines: Vec<u64> = leased.iter().map(|line| line.line).collect();
         assert_eq!(lines, [1, 2, 3]);
         assert_eq!(leased[0].attempts, 1);
+        remove(dir, store).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_cancelled_while_validated_counts_the_lines_it_stored() {
+        let dir = std::env::temp_dir().join(format!("openrouter-proxy-cancel-{}", new_id("")));
+        let store = SqliteStore::open(&dir).unwrap();
+        let batch = Batch::new(
+            "batch_1".into(),
+            "/v1/embeddings".into(),
+            "f".into(),
+            1,
+            1 << 40,
+        );
+        store.insert_batch("alice", batch).await.unwrap();
+        let line = NewLine {
+            line: 1,
+            custom_id: "c1".into(),
+            body: Bytes::from_static(b"{}"),
+        };
+        store.add_lines("batch_1", vec![line]).await.unwrap();
+        let cancel = store.cancel("alice", "batch_1", 5).await.unwrap();
+        assert!(matches!(cancel, Cancel::Accepted(_)), "{cancel:?}");
+        let finish = Finish {
+            from: BatchStatus::Cancelling,
+            status: BatchStatus::Cancelled,
+            at: 6,
+            output: None,
+            error: None,
+            errors: None,
+            unfinished: 1,
+        };
+        let ended = store.finish("batch_1", finish).await.unwrap().unwrap();
+        assert_eq!(ended.status, BatchStatus::Cancelled);
+        let counts = ended.request_counts;
+        assert_eq!((counts.total, counts.completed, counts.failed), (1, 0, 1));
+        assert!(
+            states(&store).await.is_empty(),
+            "lines go with the batch's end"
+        );
         remove(dir, store).await;
     }
 
