@@ -199,8 +199,9 @@ mod tests {
         BatchStore, Cancel, Finish, Lease, LeasedLine, LineState, NewLine, Settlement, Transition,
     };
 
-    /// A store on a fresh directory holding `batch_1` of `alice`, running, with `lines` lines.
-    async fn running_store(name: &str, lines: u64) -> (PathBuf, SqliteStore) {
+    /// A store on a fresh directory holding `batch_1` of `alice`, validating, with `lines`
+    /// lines stored.
+    async fn validating_store(name: &str, lines: u64) -> (PathBuf, SqliteStore) {
         let dir = std::env::temp_dir().join(format!("openrouter-proxy-{name}-{}", new_id("")));
         let store = SqliteStore::open(&dir).unwrap();
         let batch = Batch::new(
@@ -219,6 +220,12 @@ mod tests {
             })
             .collect();
         store.add_lines("batch_1", new).await.unwrap();
+        (dir, store)
+    }
+
+    /// The same, started: `in_progress`.
+    async fn running_store(name: &str, lines: u64) -> (PathBuf, SqliteStore) {
+        let (dir, store) = validating_store(name, lines).await;
         let started = store
             .transition(
                 "batch_1",
@@ -306,22 +313,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_cancelled_while_validated_counts_the_lines_it_stored() {
-        let dir = std::env::temp_dir().join(format!("openrouter-proxy-cancel-{}", new_id("")));
-        let store = SqliteStore::open(&dir).unwrap();
-        let batch = Batch::new(
-            "batch_1".into(),
-            "/v1/embeddings".into(),
-            "f".into(),
-            1,
-            1 << 40,
-        );
-        store.insert_batch("alice", batch).await.unwrap();
-        let line = NewLine {
-            line: 1,
-            custom_id: "c1".into(),
-            body: Bytes::from_static(b"{}"),
-        };
-        store.add_lines("batch_1", vec![line]).await.unwrap();
+        let (dir, store) = validating_store("cancel", 1).await;
         let cancel = store.cancel("alice", "batch_1", 5).await.unwrap();
         assert!(matches!(cancel, Cancel::Accepted(_)), "{cancel:?}");
         let finish = Finish {
