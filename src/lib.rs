@@ -4,6 +4,7 @@
 //! server in-process on port 0.
 
 pub mod auth;
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod error;

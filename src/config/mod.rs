@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 mod base_url;
+mod batch;
 mod error;
 mod otel;
 mod redis;
@@ -15,6 +16,7 @@ mod upstreams;
 mod validate;
 
 pub use base_url::BaseUrl;
+pub use batch::BatchConfig;
 pub use error::{ConfigError, Invalid, KeyPath};
 pub use otel::OtelConfig;
 pub use redis::{check_url, BudgetConfig, CacheTier2, RedisConfig, RedisUrlSource};
@@ -45,6 +47,8 @@ pub struct Config {
     pub otel: Option<OtelConfig>,
     /// State shared by every replica; absent, everything stays in-process.
     pub redis: Option<RedisConfig>,
+    /// The Batch API served by the proxy; absent, its paths are forwarded upstream.
+    pub batch: Option<BatchConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -23,6 +23,9 @@ impl Config {
         }
         self.validate_upstreams()?;
         self.validate_fallback()?;
+        self.batch
+            .as_ref()
+            .map_or(Ok(()), |batch| batch.validate())?;
         positive(self.cache.max_bytes, "cache.max_bytes")?;
         positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
         super::redis::validate_redis(self.redis.as_ref(), self.cache.tier2)?;

@@ -33,6 +33,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+pub mod batch;
 pub mod otlp;
 pub mod redis;
 mod shapes;

@@ -1,0 +1,210 @@
+//! Batch throughput: lines per second for one batch of 10,000 chat lines run by the batch
+//! service (embedded store, workers, output file) against a fast mock upstream on loopback, at
+//! several concurrencies; prints a markdown table.
+//!
+//! Run it with `cargo bench --bench batch` (`-- --lines N --concurrency A,B` to change the run).
+//! Under `cargo test` it does nothing.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark fails loudly on set-up errors"
+)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use openrouter_proxy::batch::{
+    BatchService, LineExecutor, LineFuture, LineOutcome, LineRequest, LineResponse, SqliteStore,
+    SystemClock,
+};
+use openrouter_proxy::config::BatchConfig;
+use tokio::net::TcpListener;
+
+const ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"a short answer of a few words"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16}}"#;
+
+/// A mock upstream on its own thread that answers every request with [`ANSWER`].
+fn start_mock() -> SocketAddr {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let answer = service_fn(|_request| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            ANSWER.as_bytes(),
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), answer)
+                        .await;
+                });
+            }
+        });
+    });
+    addr_rx.recv().unwrap()
+}
+
+/// Sends each line to the mock over pooled HTTP/1.1 connections, as the proxy's pipeline would.
+struct Forward {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl LineExecutor for Forward {
+    fn execute(&self, line: LineRequest) -> LineFuture {
+        let request = Request::post(format!("{}{}", self.base, line.path))
+            .header("content-type", "application/json")
+            .body(Full::new(line.body))
+            .unwrap();
+        let client = self.client.clone();
+        Box::pin(async move {
+            match client.request(request).await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let body = response.into_body().collect().await.unwrap().to_bytes();
+                    LineOutcome::Answered(LineResponse {
+                        status,
+                        body,
+                        request_id: String::new(),
+                        retry_after: None,
+                    })
+                }
+                Err(error) => LineOutcome::Unreachable(error.to_string()),
+            }
+        })
+    }
+}
+
+fn input(lines: usize) -> Bytes {
+    let mut text = String::new();
+    for i in 0..lines {
+        text.push_str(&format!(
+            r#"{{"custom_id":"line-{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"m","messages":[{{"role":"user","content":"question number {i}"}}]}}}}"#
+        ));
+        text.push('\n');
+    }
+    let mut body =
+        String::from("--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n");
+    body.push_str(
+        "--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n",
+    );
+    body.push_str(&text);
+    body.push_str("\r\n--b--\r\n");
+    Bytes::from(body)
+}
+
+async fn call(service: &BatchService, method: &str, path: &str, body: Bytes) -> serde_json::Value {
+    let content_type = if path == "/v1/files" {
+        "multipart/form-data; boundary=b"
+    } else {
+        "application/json"
+    };
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .unwrap();
+    let response = service.handle("bench", request).await;
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// Runs one batch of `lines` at `concurrency`; returns the seconds from creation to completion.
+async fn run(mock: SocketAddr, lines: usize, concurrency: usize) -> f64 {
+    let store =
+        std::env::temp_dir().join(format!("batch-bench-{}-{concurrency}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&store);
+    let config = BatchConfig {
+        store: store.clone(),
+        concurrency,
+        ..BatchConfig::default()
+    };
+    let executor = Forward {
+        base: format!("http://{mock}"),
+        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+    };
+    let service = BatchService::start(
+        config.clone(),
+        Arc::new(SqliteStore::open(&config.store).unwrap()),
+        Arc::new(executor),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(SystemClock),
+    );
+    let file = call(&service, "POST", "/v1/files", input(lines)).await;
+    let create = serde_json::json!({
+        "input_file_id": file["id"],
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+    });
+    let started = Instant::now();
+    let batch = call(&service, "POST", "/v1/batches", create.to_string().into()).await;
+    let path = format!("/v1/batches/{}", batch["id"].as_str().unwrap());
+    loop {
+        let batch = call(&service, "GET", &path, Bytes::new()).await;
+        if batch["status"] == "completed" {
+            assert_eq!(batch["request_counts"]["completed"], lines);
+            break;
+        }
+        assert!(batch["status"] != "failed", "{batch}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    service.shutdown(Duration::ZERO).await;
+    let _ = std::fs::remove_dir_all(&store);
+    seconds
+}
+
+fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
+    let at = args.iter().position(|a| a == name)?;
+    args.get(at + 1)?.parse().ok()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        println!("batch: skipped outside `cargo bench`");
+        return;
+    }
+    let lines: usize = flag(&args, "--lines").unwrap_or(10_000);
+    let concurrencies: Vec<usize> = flag::<String>(&args, "--concurrency")
+        .unwrap_or_else(|| "8,64".to_owned())
+        .split(',')
+        .map(|c| c.parse().unwrap())
+        .collect();
+    let mock = start_mock();
+    // One thread serves the proxy by default (`server.worker_threads = 1`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("| concurrency | lines | seconds | lines/s |\n|---:|---:|---:|---:|");
+    for concurrency in concurrencies {
+        let seconds = runtime.block_on(run(mock, lines, concurrency));
+        println!(
+            "| {concurrency} | {lines} | {seconds:.2} | {:.0} |",
+            lines as f64 / seconds
+        );
+    }
+}
