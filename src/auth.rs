@@ -19,6 +19,7 @@ pub struct Token {
     models: Vec<Pattern>,
     pub max_concurrent: Option<usize>,
     pub requests_per_minute: Option<u32>,
+    pub budget: Option<crate::config::BudgetConfig>,
 }
 
 impl Token {
@@ -38,6 +39,7 @@ impl Token {
             models: config.models.iter().map(|m| Pattern::new(m)).collect(),
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
+            budget: config.budget.clone(),
         })
     }
 

@@ -44,6 +44,12 @@ pub enum ProxyError {
         scope: String,
         limit: usize,
     },
+    /// Over a route's or token's spend budget (the message says the budget, the spend and when it
+    /// resets).
+    BudgetExceeded {
+        message: String,
+        retry_after: Duration,
+    },
     /// Over a route's or token's request rate.
     RateLimited {
         scope: String,
@@ -110,9 +116,9 @@ impl ProxyError {
             ProxyError::UnknownPath => StatusCode::NOT_FOUND,
             ProxyError::MissingCredentials | ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
             ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ProxyError::Overloaded { .. } | ProxyError::RateLimited { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            ProxyError::Overloaded { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoApiKey => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_)
             | ProxyError::Upstream(_)
@@ -142,6 +148,7 @@ impl ProxyError {
             ProxyError::Forbidden(_) => "not_allowed",
             ProxyError::Overloaded { .. } => "concurrency_limit_exceeded",
             ProxyError::RateLimited { .. } => "rate_limit_exceeded",
+            ProxyError::BudgetExceeded { .. } => "budget_exceeded",
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
             ProxyError::Upstream(_) => "upstream_error",
@@ -226,6 +233,7 @@ impl ProxyError {
                 "rate limit of {per_minute} requests per minute reached for {scope}; retry in {}s",
                 retry_after.as_secs_f64().ceil()
             ),
+            ProxyError::BudgetExceeded { message, .. } => message.clone(),
             ProxyError::NoApiKey => {
                 "the proxy has no upstream API key configured (see upstream.api_key_env / api_key_file)"
                     .to_owned()
@@ -299,7 +307,8 @@ impl ProxyError {
                 .insert("x-should-retry", HeaderValue::from_static("false"));
         }
         let retry_after = match &self {
-            ProxyError::RateLimited { retry_after, .. } => {
+            ProxyError::RateLimited { retry_after, .. }
+            | ProxyError::BudgetExceeded { retry_after, .. } => {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
             ProxyError::Overloaded { .. } => Some(1),

@@ -19,7 +19,7 @@ pub struct Question {
 
 /// The plan `question` gets under `config`, as text. Header values and keys are never printed.
 pub fn explain(config: Config, question: &Question) -> Result<String, String> {
-    let runtime = Runtime::build(config, None)?;
+    let runtime = Runtime::plan_only(config)?;
     let mut headers = HeaderMap::new();
     for (name, value) in &question.headers {
         let name = HeaderName::from_bytes(name.as_bytes())

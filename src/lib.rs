@@ -39,7 +39,7 @@ pub async fn serve(
 ) -> Result<(), String> {
     init_metrics();
     let runtime = runtime::Runtime::build(config, None)?;
-    let shared = Arc::new(pipeline::Shared::new(runtime));
+    let shared = Arc::new(pipeline::Shared::new(runtime)?);
     server::run(shared, Arc::default(), listeners, shutdown)
         .await
         .map_err(|e| format!("server failed: {e}"))
@@ -67,7 +67,7 @@ pub async fn serve_live(
     init_metrics();
     let log = Arc::new(runtime::ReloadLog::default());
     let (runtime, reloader) = runtime::reload::start(live, log.clone())?;
-    let shared = Arc::new(pipeline::Shared::new(runtime));
+    let shared = Arc::new(pipeline::Shared::new(runtime)?);
     // Dropping `stop` (also when this future is dropped mid-way) ends the reloader.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let reloading = tokio::spawn(reloader.run(shared.runtime.clone(), stopped));

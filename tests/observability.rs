@@ -448,19 +448,31 @@ async fn scripted_traffic_is_counted_exactly() {
     assert_value(
         &m,
         cache,
-        &[("route", "obs-traffic-cached"), ("result", "miss")],
+        &[
+            ("route", "obs-traffic-cached"),
+            ("result", "miss"),
+            ("tier", "none"),
+        ],
         1.0,
     );
     assert_value(
         &m,
         cache,
-        &[("route", "obs-traffic-cached"), ("result", "hit")],
+        &[
+            ("route", "obs-traffic-cached"),
+            ("result", "hit"),
+            ("tier", "memory"),
+        ],
         1.0,
     );
     assert!(sample(
         &m,
         cache,
-        &[("route", "obs-traffic-cached"), ("result", "bypass")]
+        &[
+            ("route", "obs-traffic-cached"),
+            ("result", "bypass"),
+            ("tier", "none")
+        ]
     )
     .is_none());
     assert!(

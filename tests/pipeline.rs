@@ -18,7 +18,7 @@ fn shared_for(upstream: &MockUpstream, extra: &str) -> Shared {
         key.display()
     );
     let config = openrouter_proxy::Config::parse(&merge_toml(&base, extra)).unwrap();
-    Shared::new(Runtime::build(config, None).unwrap())
+    Shared::new(Runtime::build(config, None).unwrap()).unwrap()
 }
 
 fn chat(model: &str) -> InternalRequest {

@@ -11,6 +11,11 @@ use http::HeaderMap;
 pub struct CacheKey(u128);
 
 impl CacheKey {
+    /// The key as a number, for stores that name entries by it.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
     /// Hashes, in order: the upstream path with its query, the attempt chain (the models the
     /// route would try), the caller's identity (when callers bring their own keys or tokens), and
     /// the JSON body in canonical form (object keys sorted, no insignificant whitespace), so

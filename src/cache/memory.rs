@@ -52,6 +52,28 @@ impl CachedAnswer {
         }
     }
 
+    /// An answer read back from another tier: already owned, kept `ttl` from now.
+    pub fn stored(
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+        model: Option<String>,
+        stored_at: Instant,
+        ttl: Duration,
+    ) -> CachedAnswer {
+        CachedAnswer {
+            headers,
+            body,
+            model,
+            stored_at,
+            ttl,
+        }
+    }
+
+    /// How long the answer is kept.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// What the entry costs in memory: its bytes, and the bookkeeping around them (the answer's
     /// own allocations, the key, and moka's per-entry nodes for the map, the eviction order and
     /// the expiry timer: about 900 bytes, measured by `tests/cache_memory.rs`).
@@ -131,7 +153,7 @@ impl MemoryStore {
 
 impl Store for MemoryStore {
     fn tier(&self) -> &'static str {
-        "memory"
+        super::MEMORY
     }
 
     fn get<'a>(&'a self, key: &'a CacheKey) -> StoreFuture<'a> {

@@ -37,14 +37,18 @@ pub trait Store: Send + Sync {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tier(pub &'static str);
 
+/// The first tier's name.
+pub const MEMORY: &str = "memory";
+
+/// The tiers behind memory, in the order they are asked (a runtime's: they follow its config).
+pub type Tiers = Arc<[Arc<dyn Store>]>;
+
 /// The in-flight misses that identical requests may wait for.
 type Fills = Mutex<HashMap<CacheKey, watch::Receiver<Option<Arc<CachedAnswer>>>>>;
 
 /// The process's response cache; it outlives config reloads.
 pub struct ResponseCache {
     memory: MemoryStore,
-    /// Further tiers, asked in order after memory misses.
-    tiers: Vec<Arc<dyn Store>>,
     fills: Fills,
     /// Answers larger than this are not stored.
     pub max_entry_bytes: usize,
@@ -54,25 +58,18 @@ impl ResponseCache {
     pub fn new(max_bytes: u64, max_entry_bytes: usize) -> ResponseCache {
         ResponseCache {
             memory: MemoryStore::new(max_bytes),
-            tiers: Vec::new(),
             fills: Mutex::new(HashMap::new()),
             max_entry_bytes,
         }
     }
 
-    /// Adds a tier behind memory (and behind the tiers added before).
-    pub fn with_tier(mut self, tier: Arc<dyn Store>) -> ResponseCache {
-        self.tiers.push(tier);
-        self
-    }
-
-    /// The answer under `key` and the tier it came from: memory first, then each further tier in
+    /// The answer under `key` and the tier it came from: memory first, then each of `tiers` in
     /// turn; a hit in a further tier fills memory.
-    pub async fn get(&self, key: &CacheKey) -> Option<(Arc<CachedAnswer>, Tier)> {
+    pub async fn get(&self, key: &CacheKey, tiers: &Tiers) -> Option<(Arc<CachedAnswer>, Tier)> {
         if let Some(answer) = self.memory.get_now(key) {
             return Some((answer, Tier(self.memory.tier())));
         }
-        for tier in &self.tiers {
+        for tier in tiers.iter() {
             if let Some(answer) = tier.get(key).await {
                 self.memory.insert(*key, answer.clone());
                 return Some((answer, Tier(tier.tier())));
@@ -81,23 +78,23 @@ impl ResponseCache {
         None
     }
 
-    /// Stores a complete answer in every tier (when it is not too large).
-    pub fn insert(&self, key: CacheKey, answer: CachedAnswer) {
-        self.insert_shared(key, Arc::new(answer));
+    /// Stores a complete answer in memory and every one of `tiers` (when it is not too large).
+    pub fn insert(&self, key: CacheKey, answer: CachedAnswer, tiers: &Tiers) {
+        self.insert_shared(key, Arc::new(answer), tiers);
     }
 
-    fn insert_shared(&self, key: CacheKey, answer: Arc<CachedAnswer>) {
+    fn insert_shared(&self, key: CacheKey, answer: Arc<CachedAnswer>, tiers: &Tiers) {
         if answer.body.len() > self.max_entry_bytes {
             return;
         }
         self.memory.insert(key, answer.clone());
-        for tier in &self.tiers {
+        for tier in tiers.iter() {
             tier.insert(key, answer.clone());
         }
     }
 
     /// Joins an identical miss already in flight, or becomes the one that fills `key`.
-    pub fn join_or_fill(self: &Arc<Self>, key: CacheKey) -> Fill {
+    pub fn join_or_fill(self: &Arc<Self>, key: CacheKey, tiers: &Tiers) -> Fill {
         let Ok(mut fills) = self.fills.lock() else {
             return Fill::Alone;
         };
@@ -108,6 +105,7 @@ impl ResponseCache {
         fills.insert(key, receiver);
         Fill::Lead(FillGuard {
             cache: self.clone(),
+            tiers: tiers.clone(),
             key,
             sender,
         })
@@ -148,6 +146,7 @@ impl Fill {
 /// client that went away) releases the waiters to go upstream themselves.
 pub struct FillGuard {
     cache: Arc<ResponseCache>,
+    tiers: Tiers,
     key: CacheKey,
     sender: watch::Sender<Option<Arc<CachedAnswer>>>,
 }
@@ -155,7 +154,8 @@ pub struct FillGuard {
 impl FillGuard {
     pub fn complete(self, answer: CachedAnswer) {
         let answer = Arc::new(answer);
-        self.cache.insert_shared(self.key, answer.clone());
+        self.cache
+            .insert_shared(self.key, answer.clone(), &self.tiers);
         self.sender.send_replace(Some(answer));
     }
 }
@@ -171,6 +171,7 @@ impl Drop for FillGuard {
 /// Records a streamed answer as it passes through, to store it once it ends with `[DONE]`.
 pub struct StreamRecorder {
     cache: Arc<ResponseCache>,
+    tiers: Tiers,
     key: CacheKey,
     headers: HeaderMap,
     model: Option<String>,
@@ -182,6 +183,7 @@ pub struct StreamRecorder {
 impl StreamRecorder {
     pub fn new(
         cache: Arc<ResponseCache>,
+        tiers: Tiers,
         key: CacheKey,
         headers: HeaderMap,
         model: Option<String>,
@@ -189,6 +191,7 @@ impl StreamRecorder {
     ) -> StreamRecorder {
         StreamRecorder {
             cache,
+            tiers,
             key,
             headers,
             model,
@@ -215,7 +218,7 @@ impl StreamRecorder {
         if complete && !self.overflowed {
             let answer =
                 CachedAnswer::new(&self.headers, self.bytes.freeze(), self.model, self.ttl);
-            self.cache.insert(self.key, answer);
+            self.cache.insert(self.key, answer, &self.tiers);
         }
     }
 }

@@ -13,6 +13,7 @@ pub static X_PROXY_MODEL: HeaderName = HeaderName::from_static("x-proxy-model");
 pub static X_PROXY_UPSTREAM: HeaderName = HeaderName::from_static("x-proxy-upstream");
 pub static X_PROXY_ATTEMPTS: HeaderName = HeaderName::from_static("x-proxy-attempts");
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub static X_CACHE_TIER: HeaderName = HeaderName::from_static("x-cache-tier");
 static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 
 /// The client's headers as every upstream should see them: hop-by-hop, `Host`, length and every

@@ -8,16 +8,18 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 
 use super::body::JsonBody;
-use super::headers::{X_CACHE, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
+use super::headers::{X_CACHE, X_CACHE_TIER, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
 use super::relay::ProxyBody;
 use super::Shared;
-use crate::cache::{CacheKey, CachedAnswer, Directive, Fill, FillGuard, StreamRecorder};
+use crate::cache::{
+    CacheKey, CachedAnswer, Directive, Fill, FillGuard, StreamRecorder, Tier, Tiers, MEMORY,
+};
 use crate::record::{CacheResult, RequestRecord};
 
 pub(super) enum Lookup {
-    Hit(Arc<CachedAnswer>),
+    Hit(Arc<CachedAnswer>, Tier),
     /// Answered by an identical request in flight, after waiting for it.
-    Waited(Arc<CachedAnswer>),
+    Waited(Arc<CachedAnswer>, Tier),
     Miss(Miss),
     Bypass,
 }
@@ -26,6 +28,7 @@ pub(super) enum Lookup {
 pub(super) struct Miss {
     key: CacheKey,
     ttl: Duration,
+    tiers: Tiers,
     /// Set when identical requests wait for this one.
     fill: Option<FillGuard>,
 }
@@ -46,12 +49,13 @@ impl Miss {
             let answer = CachedAnswer::new(response.headers(), bytes.clone(), model, self.ttl);
             match self.fill {
                 Some(fill) => fill.complete(answer),
-                None => shared.cache.insert(self.key, answer),
+                None => shared.cache.insert(self.key, answer, &self.tiers),
             }
             return;
         }
         let recorder = StreamRecorder::new(
             shared.cache.clone(),
+            self.tiers,
             self.key,
             response.headers().clone(),
             model,
@@ -69,6 +73,8 @@ pub(super) struct Query<'a> {
     pub(super) attempts: &'a [String],
     pub(super) tenant: Option<&'a [u8]>,
     pub(super) ttl: Duration,
+    /// The tiers behind memory (the runtime's).
+    pub(super) tiers: &'a Tiers,
 }
 
 /// Looks the request up, honouring the client's `Cache-Control`. Identical non-streaming misses
@@ -90,32 +96,39 @@ pub(super) async fn lookup(
     };
     let mut fill = None;
     if directive == Directive::Normal {
-        if let Some((answer, _tier)) = shared.cache.get(&key).await {
-            return Lookup::Hit(answer);
+        if let Some((answer, tier)) = shared.cache.get(&key, query.tiers).await {
+            return Lookup::Hit(answer, tier);
         }
         if !json.stream {
-            match shared.cache.join_or_fill(key) {
+            match shared.cache.join_or_fill(key, query.tiers) {
                 Fill::Lead(guard) => fill = Some(guard),
                 Fill::Wait(mut receiver) => {
                     record.waits_for_fill();
                     if let Some(answer) = Fill::wait(&mut receiver).await {
-                        return Lookup::Waited(answer);
+                        return Lookup::Waited(answer, Tier(MEMORY));
                     }
                 }
                 Fill::Alone => {}
             }
         }
     }
-    let ttl = query.ttl;
-    Lookup::Miss(Miss { key, ttl, fill })
+    let (ttl, tiers) = (query.ttl, query.tiers.clone());
+    Lookup::Miss(Miss {
+        key,
+        ttl,
+        tiers,
+        fill,
+    })
 }
 
 pub(super) fn cached_response(
     answer: &CachedAnswer,
+    tier: Tier,
     record: &mut RequestRecord,
 ) -> Response<ProxyBody> {
     record.served_model = answer.model.clone();
     record.cache = Some(CacheResult::Hit);
+    record.cache_tier = Some(tier.0);
     let mut response = Response::new(ProxyBody::full(answer.body.clone()));
     let headers = response.headers_mut();
     for (name, value) in &answer.headers {
@@ -123,6 +136,7 @@ pub(super) fn cached_response(
     }
     let hit = CacheResult::Hit.header();
     headers.insert(X_CACHE.clone(), HeaderValue::from_static(hit));
+    headers.insert(X_CACHE_TIER.clone(), HeaderValue::from_static(tier.0));
     headers.insert(
         header::AGE,
         HeaderValue::from(answer.stored_at.elapsed().as_secs()),

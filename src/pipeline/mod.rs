@@ -4,6 +4,7 @@
 //! (`crate::record`). [`handle`] runs them for a client's request; [`execute`] runs plan -> cache ->
 //! attempts for a request the proxy makes itself (a batch line).
 
+mod admission;
 pub mod attempts;
 pub mod body;
 mod context;
@@ -16,7 +17,7 @@ pub mod relay;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -24,15 +25,16 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::Token;
 use crate::cache::ResponseCache;
 use crate::config::UpstreamAuth;
 use crate::error::ProxyError;
 use crate::health::Health;
-use crate::limits::{Limits, Permit, Rejection};
+use crate::limits::Limits;
 use crate::record::CacheResult;
-use crate::runtime::router::{Attempt, Plan, Route};
+use crate::redis::{Budgets, SharedLimiter};
+use crate::runtime::router::{Attempt, Plan};
 use crate::runtime::Runtime;
+use crate::telemetry::Telemetry;
 use attempts::{run_chain, Outbound};
 pub use context::RequestContext;
 use headers::X_CACHE;
@@ -47,6 +49,12 @@ pub struct Shared {
     pub runtime: Arc<ArcSwap<Runtime>>,
     pub health: Health,
     pub limits: Limits,
+    /// Request rates, across replicas with Redis (its per-replica fallback outlives reloads).
+    pub limiter: SharedLimiter,
+    /// Spend per route and token.
+    pub budgets: Arc<Budgets>,
+    /// Traces (set at start-up from `[otel]`).
+    pub telemetry: Telemetry,
     /// Sized at start-up from `[cache]`; entries outlive reloads.
     pub cache: Arc<ResponseCache>,
     pub draining: AtomicBool,
@@ -55,7 +63,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime) -> Shared {
+    /// The shared state for a first runtime; fails only on tracing settings that cannot work (an
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` that is no URL).
+    pub fn new(runtime: Runtime) -> Result<Shared, String> {
+        let telemetry = Telemetry::new(&runtime.config.otel)?;
+        Ok(Shared::with_telemetry(runtime, telemetry))
+    }
+
+    /// The shared state with the tracing given (tests pass one that ignores the environment).
+    pub fn with_telemetry(runtime: Runtime, telemetry: Telemetry) -> Shared {
         let id_prefix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -67,6 +83,9 @@ impl Shared {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             health: Health::default(),
             limits: Limits::default(),
+            limiter: SharedLimiter::default(),
+            budgets: Arc::default(),
+            telemetry,
             cache,
             draining: AtomicBool::new(false),
             request_ids: AtomicU64::new(0),
@@ -164,7 +183,8 @@ async fn answer(
     if let Some(token) = token {
         token.allows(&plan.route.name, inbound.model())?;
     }
-    admit(shared, plan.route, token, &mut ctx.permits)?;
+    let redis = runtime.redis.as_ref();
+    admission::admit(shared, redis, plan.route, token, &mut ctx.permits).await?;
     let attempts = reachable(&runtime, &plan, &inbound.caller)?;
     let requested = inbound.model().map(str::to_owned);
     let tenant = inbound.tenant(&runtime).map(<[u8]>::to_vec);
@@ -194,6 +214,8 @@ async fn answer(
     }
     match inbound.body {
         InboundBody::Upload { upload, .. } => {
+            let token = inbound.caller.token.as_deref();
+            admission::check_budgets(shared, redis, plan.route, token, record).await?;
             send_upload(shared, &mut out, upload, requested.as_deref(), record).await
         }
         InboundBody::Whole { bytes, json } => {
@@ -206,6 +228,7 @@ async fn answer(
             let cached = Cached {
                 tenant: tenant.as_deref(),
                 headers: &inbound.headers,
+                token: inbound.caller.token.as_deref(),
             };
             send_whole(shared, &out, cached, requested.as_deref(), record).await
         }
@@ -242,10 +265,11 @@ fn reachable<'a>(
     })
 }
 
-/// What the cache phase needs from the client's request.
+/// What the cache and budget phases need from the client's request.
 struct Cached<'a> {
     tenant: Option<&'a [u8]>,
     headers: &'a HeaderMap,
+    token: Option<&'a crate::auth::Token>,
 }
 
 /// A body read whole: answered from the cache where the route caches, else by the attempts; a
@@ -272,16 +296,17 @@ async fn send_whole(
             None => out.rest.to_owned(),
         };
         let query = Query {
+            tiers: &out.runtime.cache_tiers,
             path: &path,
             attempts: &attempts,
             tenant: cached.tenant,
             ttl,
         };
         match lookup::lookup(shared, query, json, cached.headers, record).await {
-            Lookup::Hit(answer) => return Ok(lookup::cached_response(&answer, record)),
-            Lookup::Waited(answer) => {
+            Lookup::Hit(answer, tier) => return Ok(lookup::cached_response(&answer, tier, record)),
+            Lookup::Waited(answer, tier) => {
                 record.coalesced = true;
-                return Ok(lookup::cached_response(&answer, record));
+                return Ok(lookup::cached_response(&answer, tier, record));
             }
             Lookup::Miss(found) => {
                 record.cache = Some(CacheResult::Miss);
@@ -290,6 +315,8 @@ async fn send_whole(
             Lookup::Bypass => record.cache = Some(CacheResult::Bypass),
         }
     }
+    let redis = out.runtime.redis.as_ref();
+    admission::check_budgets(shared, redis, out.route, cached.token, record).await?;
     let mut response = run_chain(shared, out, requested, record).await?;
     if let Some(result) = record.cache {
         let value = HeaderValue::from_static(result.header());
@@ -325,48 +352,4 @@ async fn send_upload(
     // An upload that broke on the client's side (too large, too slow, gone) is the client's
     // error, not the upstream's.
     answer.map_err(|error| fault.take().unwrap_or(error))
-}
-
-/// Takes a slot in the route's and the caller's limits, held until the answer ends. Over a limit,
-/// the request is refused at once: load is shed before it reaches streams already running.
-fn admit(
-    shared: &Shared,
-    route: &Route,
-    caller: Option<&Token>,
-    permits: &mut Vec<Permit>,
-) -> Result<(), ProxyError> {
-    let now = Instant::now();
-    let scopes = [
-        Some((
-            format!("route \"{}\"", route.name),
-            route.max_concurrent,
-            route.requests_per_minute,
-        )),
-        caller.map(|t| {
-            (
-                format!("token \"{}\"", t.name),
-                t.max_concurrent,
-                t.requests_per_minute,
-            )
-        }),
-    ];
-    for (scope, concurrent, per_minute) in scopes.into_iter().flatten() {
-        match shared.limits.admit(&scope, concurrent, per_minute, now) {
-            Ok(permit) => permits.extend(permit),
-            Err(Rejection::Concurrency { limit }) => {
-                return Err(ProxyError::Overloaded { scope, limit });
-            }
-            Err(Rejection::Rate {
-                per_minute,
-                retry_after,
-            }) => {
-                return Err(ProxyError::RateLimited {
-                    scope,
-                    per_minute,
-                    retry_after,
-                });
-            }
-        }
-    }
-    Ok(())
 }

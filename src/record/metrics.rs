@@ -100,7 +100,10 @@ pub fn describe() {
     );
     metrics::describe_gauge!(ACTIVE, "Requests in flight.");
     metrics::describe_counter!(FALLBACKS, "Moves to the next model in a fallback chain.");
-    metrics::describe_counter!(CACHE, "Cache lookups by route and result.");
+    metrics::describe_counter!(
+        CACHE,
+        "Cache lookups by route, result and the tier a hit came from."
+    );
     metrics::describe_counter!(
         CACHE_EVICTIONS,
         "Cache entries removed by the byte bound or their TTL."
@@ -337,8 +340,9 @@ fn names_model(config: &Config, model: &str) -> bool {
 }
 
 /// `hit`, `miss` or `bypass`, on a route that caches.
-pub fn cache_result(route: &str, result: &'static str) {
-    counter!(CACHE, "route" => route.to_owned(), "result" => result).increment(1);
+/// `tier` is where a hit came from (`memory`, `redis`), `none` for a miss or a bypass.
+pub fn cache_result(route: &str, result: &'static str, tier: &'static str) {
+    counter!(CACHE, "route" => route.to_owned(), "result" => result, "tier" => tier).increment(1);
 }
 
 /// `size` (pushed out by the byte bound) or `expired` (past its TTL).

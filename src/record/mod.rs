@@ -43,6 +43,8 @@ pub struct RequestRecord {
     pub stream_error: Option<String>,
     /// Where the route caches: how the cache answered.
     pub cache: Option<CacheResult>,
+    /// The tier a hit came from (`memory`, `redis`).
+    pub cache_tier: Option<&'static str>,
     /// A cache hit that waited for an identical request's upstream answer: its time is that
     /// request's upstream time, not the proxy's overhead.
     pub coalesced: bool,
@@ -56,7 +58,12 @@ pub struct RequestRecord {
     pub(crate) outcome: Outcome,
     /// Upstream attempts and moves along the chain, in order.
     events: Vec<AttemptEvent>,
+    /// Called with the answer's cost when the request is recorded (budgets).
+    cost_hook: Option<CostHook>,
 }
+
+/// What is done with an answer's cost.
+pub type CostHook = Box<dyn FnOnce(f64) + Send>;
 
 /// How the cache answered a request on a caching route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +139,7 @@ impl RequestRecord {
             usage: None,
             stream_error: None,
             cache: None,
+            cache_tier: None,
             coalesced: false,
             config,
             dispatched: None,
@@ -139,7 +147,13 @@ impl RequestRecord {
             bytes: 0,
             outcome: Outcome::Pending,
             events: Vec::new(),
+            cost_hook: None,
         }
+    }
+
+    /// Calls `hook` with the answer's cost (`usage.cost`) when the request is recorded.
+    pub fn on_cost(&mut self, hook: CostHook) {
+        self.cost_hook = Some(hook);
     }
 
     /// The request waits for an identical request in flight; counted at once, so that waiting

@@ -65,8 +65,16 @@ impl Drop for RequestRecord {
         if let Some(usage) = &self.usage {
             metrics::usage(&label, usage);
         }
+        let cost = self.usage.and_then(|u| u.cost);
+        if let (Some(hook), Some(cost)) = (self.cost_hook.take(), cost) {
+            hook(cost);
+        }
         if let Some(result) = self.cache {
-            metrics::cache_result(&self.route, result.label());
+            metrics::cache_result(
+                &self.route,
+                result.label(),
+                self.cache_tier.unwrap_or("none"),
+            );
         }
         let overhead = self.overhead();
         if let Some(overhead) = overhead {
@@ -97,6 +105,7 @@ impl Drop for RequestRecord {
             completion_tokens = self.usage.map(|u| u.completion_tokens),
             cost_usd = self.usage.and_then(|u| u.cost),
             cache = self.cache.map_or("", CacheResult::header),
+            cache_tier = self.cache_tier.unwrap_or(""),
             coalesced = self.coalesced,
             bytes = self.bytes,
             "request"

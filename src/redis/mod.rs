@@ -5,11 +5,13 @@
 mod budget;
 mod client;
 mod limiter;
+mod store;
 mod tier2;
 
 pub use budget::{BudgetExceeded, BudgetScope, Budgets, Period};
 pub use client::{Redis, RedisSettings};
 pub use limiter::{RateRejection, SharedLimiter};
+pub use store::REDIS;
 pub use tier2::{StoredAnswer, Tier2, Tier2Hit, DEFAULT_QUEUE_BYTES, DEFAULT_QUEUE_ENTRIES};
 
 /// 1 while Redis answers, 0 while the proxy serves without it.

@@ -36,6 +36,8 @@ pub struct Route {
     pub on_midstream: Midstream,
     pub max_concurrent: Option<usize>,
     pub requests_per_minute: Option<u32>,
+    /// Spend per UTC day and month.
+    pub budget: Option<crate::config::BudgetConfig>,
 }
 
 /// A compiled attempt: an upstream of the registry, by position, and the model sent there.
@@ -119,6 +121,7 @@ impl Route {
             on_midstream: config.on_midstream,
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
+            budget: config.budget.clone(),
         }
     }
 
