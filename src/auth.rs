@@ -39,7 +39,7 @@ impl Token {
             models: config.models.iter().map(|m| Pattern::new(m)).collect(),
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
-            budget: config.budget.clone(),
+            budget: config.budget,
         })
     }
 

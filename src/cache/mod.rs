@@ -168,34 +168,28 @@ impl Drop for FillGuard {
     }
 }
 
+/// Where a complete answer goes: under `key`, into memory and `tiers`, for `ttl`.
+pub struct Destination {
+    pub cache: Arc<ResponseCache>,
+    pub tiers: Tiers,
+    pub key: CacheKey,
+    pub model: Option<String>,
+    pub ttl: Duration,
+}
+
 /// Records a streamed answer as it passes through, to store it once it ends with `[DONE]`.
 pub struct StreamRecorder {
-    cache: Arc<ResponseCache>,
-    tiers: Tiers,
-    key: CacheKey,
+    to: Destination,
     headers: HeaderMap,
-    model: Option<String>,
-    ttl: Duration,
     bytes: BytesMut,
     overflowed: bool,
 }
 
 impl StreamRecorder {
-    pub fn new(
-        cache: Arc<ResponseCache>,
-        tiers: Tiers,
-        key: CacheKey,
-        headers: HeaderMap,
-        model: Option<String>,
-        ttl: Duration,
-    ) -> StreamRecorder {
+    pub fn new(to: Destination, headers: HeaderMap) -> StreamRecorder {
         StreamRecorder {
-            cache,
-            tiers,
-            key,
+            to,
             headers,
-            model,
-            ttl,
             bytes: BytesMut::new(),
             overflowed: false,
         }
@@ -205,7 +199,7 @@ impl StreamRecorder {
         if self.overflowed {
             return;
         }
-        if self.bytes.len() + data.len() > self.cache.max_entry_bytes {
+        if self.bytes.len() + data.len() > self.to.cache.max_entry_bytes {
             self.overflowed = true;
             self.bytes = BytesMut::new();
             return;
@@ -216,9 +210,9 @@ impl StreamRecorder {
     /// Stores the stream if it completed (`[DONE]` seen, no error) and fit.
     pub fn finish(self, complete: bool) {
         if complete && !self.overflowed {
-            let answer =
-                CachedAnswer::new(&self.headers, self.bytes.freeze(), self.model, self.ttl);
-            self.cache.insert(self.key, answer, &self.tiers);
+            let to = self.to;
+            let answer = CachedAnswer::new(&self.headers, self.bytes.freeze(), to.model, to.ttl);
+            to.cache.insert(to.key, answer, &to.tiers);
         }
     }
 }

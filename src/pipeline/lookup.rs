@@ -12,7 +12,8 @@ use super::headers::{X_CACHE, X_CACHE_TIER, X_PROXY_ATTEMPTS, X_PROXY_MODEL};
 use super::relay::ProxyBody;
 use super::Shared;
 use crate::cache::{
-    CacheKey, CachedAnswer, Directive, Fill, FillGuard, StreamRecorder, Tier, Tiers, MEMORY,
+    CacheKey, CachedAnswer, Destination, Directive, Fill, FillGuard, StreamRecorder, Tier, Tiers,
+    MEMORY,
 };
 use crate::record::{CacheResult, RequestRecord};
 
@@ -53,14 +54,14 @@ impl Miss {
             }
             return;
         }
-        let recorder = StreamRecorder::new(
-            shared.cache.clone(),
-            self.tiers,
-            self.key,
-            response.headers().clone(),
+        let to = Destination {
+            cache: shared.cache.clone(),
+            tiers: self.tiers,
+            key: self.key,
             model,
-            self.ttl,
-        );
+            ttl: self.ttl,
+        };
+        let recorder = StreamRecorder::new(to, response.headers().clone());
         response.body_mut().record_stream(recorder);
     }
 }

@@ -121,7 +121,7 @@ impl Route {
             on_midstream: config.on_midstream,
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
-            budget: config.budget.clone(),
+            budget: config.budget,
         }
     }
 
