@@ -13,8 +13,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -23,40 +21,14 @@ use support::*;
 // ---------------------------------------------------------------------------------------------
 // log capture
 
-/// Every log line of this process, as the JSON the proxy's `[log] format = "json"` writes.
-fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            // Debug lines too: nothing secret may hide one level below the default.
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || LogSink(sink.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).unwrap();
-        buffer
-    })
-}
-
-struct LogSink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogSink {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// Installs the process-wide JSON log capture (debug lines too: nothing secret may hide one level
+/// below the default); see `support::captured_logs`.
+fn captured() {
+    captured_logs();
 }
 
 fn all_logs() -> String {
-    String::from_utf8(captured().lock().unwrap().clone()).unwrap()
+    captured_logs()
 }
 
 /// The access-log line of the request with `id`, once it is written (when the answer ends).

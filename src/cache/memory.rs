@@ -36,7 +36,12 @@ impl CachedAnswer {
         ttl: Duration,
     ) -> CachedAnswer {
         // Only what describes the body: hop-by-hop and per-response headers are not replayed.
-        let kept = [http::header::CONTENT_TYPE, http::header::CACHE_CONTROL];
+        // Which upstream answered is part of the answer, as its model is.
+        let kept = [
+            http::header::CONTENT_TYPE,
+            http::header::CACHE_CONTROL,
+            HeaderName::from_static("x-proxy-upstream"),
+        ];
         CachedAnswer {
             headers: kept
                 .iter()

@@ -76,6 +76,9 @@ pub(super) struct Query<'a> {
     pub(super) ttl: Duration,
     /// The tiers behind memory (the runtime's).
     pub(super) tiers: &'a Tiers,
+    /// The body as every attempt sends it but for the model: with the route's body policy
+    /// applied, so that requests the policy makes identical share an entry.
+    pub(super) body: &'a [u8],
 }
 
 /// Looks the request up, honouring the client's `Cache-Control`. Identical non-streaming misses
@@ -91,7 +94,7 @@ pub(super) async fn lookup(
 ) -> Lookup {
     let directive = crate::cache::directive(headers);
     let attempts: Vec<&str> = query.attempts.iter().map(String::as_str).collect();
-    let key = match CacheKey::new(query.path, &attempts, query.tenant, &json.bytes) {
+    let key = match CacheKey::new(query.path, &attempts, query.tenant, query.body) {
         Some(key) if directive != Directive::Bypass => key,
         _ => return Lookup::Bypass,
     };

@@ -295,12 +295,18 @@ async fn send_whole(
             Some(query) => format!("{}?{query}", out.rest),
             None => out.rest.to_owned(),
         };
+        let patched = out
+            .route
+            .body_policy
+            .as_ref()
+            .and_then(|p| p.apply(&json.bytes));
         let query = Query {
             tiers: &out.runtime.cache_tiers,
             path: &path,
             attempts: &attempts,
             tenant: cached.tenant,
             ttl,
+            body: patched.as_deref().unwrap_or(&json.bytes),
         };
         match lookup::lookup(shared, query, json, cached.headers, record).await {
             Lookup::Hit(answer, tier) => return Ok(lookup::cached_response(&answer, tier, record)),

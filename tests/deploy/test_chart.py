@@ -46,6 +46,8 @@ METRIC_FAMILIES = {
     "openrouter_config_reloads_total",
     "openrouter_upstream_attempts_total",
     "openrouter_proxy_overhead_seconds",
+    "openrouter_upstream_key_up",
+    "openrouter_model_cooldown",
 }
 
 APP = {"image": {"repository": "registry.example.com/shop/api", "tag": "1.4.2"},
@@ -62,6 +64,28 @@ ROUTES = [
         "remove_headers": ["x-team"],
     },
     {"name": "everything-else", "match": {"model": "openai/*"}},
+]
+
+# OpenRouter with a key pool, Anthropic and OpenAI directly, and an in-cluster vLLM as the last
+# fallback.
+UPSTREAMS = {
+    "anthropic": {"base_url": "https://api.anthropic.com/v1"},
+    "openai": {"base_url": "https://api.openai.com/v1", "first_byte_timeout": "30s"},
+    "local": {"endpoints": ["http://vllm-0.vllm:8000/v1", "http://vllm-1.vllm:8000/v1"], "auth": "none"},
+}
+
+UPSTREAM_ROUTES = [
+    {
+        "name": "smart",
+        "match": {"model": "smart"},
+        "model": "anthropic/claude-sonnet-4",
+        "fallbacks": ["openai/gpt-4o", {"upstream": "local", "model": "llama-3.1-8b-instruct"}],
+        "set_body": {"provider": {"data_collection": "deny", "zdr": True}},
+        "default_body": {"max_tokens": 1024},
+        "unset_body": ["logit_bias"],
+    },
+    {"name": "claude", "match": {"model": "claude"}, "upstream": "anthropic",
+     "model": "claude-sonnet-4-20250514", "fallbacks": [{"upstream": "openai", "model": "gpt-4o"}]},
 ]
 
 VALUE_SETS: dict[str, dict] = {
@@ -87,6 +111,22 @@ VALUE_SETS: dict[str, dict] = {
         },
     },
     "embedded": {"workload": {"enabled": False}, "apiKey": "sk-or-test"},
+    "several-upstreams": {
+        "existingSecret": "openrouter-keys",
+        "keyPool": [{"name": "team-a", "secretKey": "key-a", "weight": 2},
+                    {"name": "team-b", "secretKey": "key-b"}],
+        "upstreamSecrets": {
+            "anthropic": {"apiKeys": {"api-key": "sk-ant-test"}},
+            "openai": {"existingSecret": "openai-keys",
+                       "keys": [{"name": "a", "secretKey": "k1"}, {"name": "b", "secretKey": "k2", "weight": 3}]},
+        },
+        "config": {"upstreams": UPSTREAMS, "routes": UPSTREAM_ROUTES},
+    },
+    "created-key-pool": {
+        "apiKeys": {"key-a": "sk-or-a", "key-b": "sk-or-b"},
+        "keyPool": [{"name": "a", "secretKey": "key-a"}, {"name": "b", "secretKey": "key-b"}],
+        "config": {"upstream": {"endpoints": ["https://or-eu.example.com/api/v1", "https://or-us.example.com/api/v1"]}},
+    },
 }
 
 
@@ -532,6 +572,91 @@ def test_without_a_key_the_pod_still_starts(chart):
     assert "no API key configured" in notes
 
 
+def mounted_files(docs: list[dict]) -> dict[str, tuple[str, str]]:
+    """Every file a Secret puts in the proxy container: path -> (Secret name, key in it)."""
+    spec = pod_spec(docs)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    files = {}
+    for mount in proxy_container(spec)["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        for item in (secret or {}).get("items", []):
+            files[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def test_several_upstreams_and_their_secrets(chart):
+    docs = render(chart, VALUE_SETS["several-upstreams"])
+    config = proxy_toml(docs)
+    upstream = config["upstream"]
+    assert "api_key_file" not in upstream and "api_key_env" not in upstream
+    assert upstream["keys"] == [
+        {"name": "team-a", "file": "/var/run/secrets/openrouter/key-a", "weight": 2},
+        {"name": "team-b", "file": "/var/run/secrets/openrouter/key-b"},
+    ]
+    upstreams = config["upstreams"]
+    assert set(upstreams) == {"anthropic", "openai", "local"}
+    anthropic_key = "/var/run/secrets/openrouter-upstreams/anthropic/api-key"
+    assert upstreams["anthropic"] == {"base_url": "https://api.anthropic.com/v1", "api_key_file": anthropic_key}
+    assert upstreams["openai"]["keys"] == [
+        {"name": "a", "file": "/var/run/secrets/openrouter-upstreams/openai/k1"},
+        {"name": "b", "file": "/var/run/secrets/openrouter-upstreams/openai/k2", "weight": 3},
+    ]
+    assert upstreams["openai"]["first_byte_timeout"] == "30s"
+    assert upstreams["local"] == UPSTREAMS["local"], "auth = none: no key"
+    assert config["routes"] == UPSTREAM_ROUTES
+
+    # Each key file the config names is a key of the right Secret, mounted as a directory.
+    files = mounted_files(docs)
+    named = [k["file"] for k in upstream["keys"] + upstreams["openai"]["keys"]] + [anthropic_key]
+    assert {f: files[f] for f in named} == {
+        "/var/run/secrets/openrouter/key-a": ("openrouter-keys", "key-a"),
+        "/var/run/secrets/openrouter/key-b": ("openrouter-keys", "key-b"),
+        "/var/run/secrets/openrouter-upstreams/openai/k1": ("openai-keys", "k1"),
+        "/var/run/secrets/openrouter-upstreams/openai/k2": ("openai-keys", "k2"),
+        anthropic_key: (f"{RELEASE}-{PROXY}-anthropic", "api-key"),
+    }
+    # Only the Secret given as values is created; existing ones are referenced.
+    secrets = find(docs, "Secret")
+    assert [s["metadata"]["name"] for s in secrets] == [f"{RELEASE}-{PROXY}-anthropic"]
+    assert base64.b64decode(secrets[0]["data"]["api-key"]).decode() == "sk-ant-test"
+
+
+def test_a_key_pool_from_a_created_secret(chart):
+    docs = render(chart, VALUE_SETS["created-key-pool"])
+    upstream = proxy_toml(docs)["upstream"]
+    assert "base_url" not in upstream, "the chart's default base_url gives way to endpoints"
+    assert upstream["endpoints"] == ["https://or-eu.example.com/api/v1", "https://or-us.example.com/api/v1"]
+    secret = one(docs, "Secret")
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
+        "key-a": "sk-or-a", "key-b": "sk-or-b"}
+    files = mounted_files(docs)
+    for key in upstream["keys"]:
+        assert files[key["file"]] == (secret["metadata"]["name"], Path(key["file"]).name)
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "openrouter-proxy-api-key")
+    assert volume["secret"]["optional"] is False
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"upstreamSecrets": {"nowhere": {"existingSecret": "x"}}}, "config.upstreams has no upstream named nowhere"),
+        ({"keyPool": [{"name": "a", "secretKey": "a"}], "apiKeySource": "env"}, "keyPool needs apiKeySource: file"),
+        ({"keyPool": [{"name": "a", "secretKey": "a"}],
+          "config": {"upstream": {"keys": [{"name": "b", "env": "B"}]}}}, "not both"),
+    ],
+)
+def test_inconsistent_upstream_values_fail_with_a_reason(chart, values, message):
+    with pytest.raises(Exception, match=message):
+        render_raw(chart, values)
+
+
+def test_an_own_key_pool_is_left_as_it_is(chart):
+    keys = [{"name": "a", "env": "OR_KEY_A"}, {"name": "b", "env": "OR_KEY_B", "weight": 2}]
+    upstream = proxy_toml(render(chart, {"config": {"upstream": {"keys": keys}}}))["upstream"]
+    assert upstream["keys"] == keys
+    assert "api_key_file" not in upstream and "api_key_env" not in upstream
+
+
 # ---------------------------------------------------------------------------------------------
 # scaling and monitoring
 
@@ -609,6 +734,25 @@ def test_monitoring_is_off_by_default(chart):
         {"config": {"routes": [{"name": "r", "cache_ttl": 600}]}},
         {"terminationGracePeriodSeconds": -5},
         {"app": {"image": {"repository": "x"}, "ports": [{"containerPort": 80}]}},
+        {"config": {"upstream": {"auth": "sometimes"}}},
+        {"config": {"upstream": {"keys": [{"name": "a"}]}}},
+        {"config": {"upstream": {"keys": [{"name": "a", "env": "A", "file": "/k"}]}}},
+        {"config": {"upstreams": {"default": {"base_url": "https://x.example.com/v1"}}}},
+        {"config": {"upstreams": {"has space": {"base_url": "https://x.example.com/v1"}}}},
+        {"config": {"upstreams": {"x": {"base_url": "https://x.example.com/v1",
+                                        "endpoints": ["https://y.example.com/v1"]}}}},
+        {"config": {"upstreams": {"x": {"endpoints": ["ftp://y.example.com/v1"]}}}},
+        {"config": {"upstreams": {"x": {"base_ur": "https://x.example.com/v1"}}}},
+        {"config": {"routes": [{"name": "r", "fallbacks": [{"upstream": "x"}]}]}},
+        {"config": {"routes": [{"name": "r", "fallbacks": [{"model": "m", "upstrem": "x"}]}]}},
+        {"config": {"routes": [{"name": "r", "set_body": ["provider"]}]}},
+        {"config": {"routes": [{"name": "r", "default_body": 5}]}},
+        {"config": {"routes": [{"name": "r", "unset_body": ["model"]}]}},
+        {"keyPool": [{"name": "a"}]},
+        {"keyPool": [{"name": "a", "secretKey": "a/b"}]},
+        {"apiKeys": {"key-a": 5}},
+        {"upstreamSecrets": {"x": {"existingSecret": "s", "apiKeys": {"api-key": "k"}}}},
+        {"upstreamSecrets": {"x": {"existingSecret": "s", "keys": [{"name": "a"}]}}},
     ],
 )
 def test_schema_rejects_bad_values(chart, values):
@@ -783,9 +927,14 @@ def test_dashboard_has_the_expected_panels(dashboard):
     assert 'result="hit"' in text
     assert "sum by (model, type) (rate(openrouter_tokens_total" in text
     assert "rate(openrouter_cost_usd_total" in text and "* 3600" in text
+    # Per upstream: attempts by outcome, the keys of each pool, cool-downs.
+    assert "sum by (upstream, outcome) (rate(openrouter_upstream_attempts_total" in text
+    assert "min by (upstream, key) (openrouter_upstream_key_up" in text
+    assert "max by (upstream, model) (openrouter_model_cooldown" in text
     titles = {title for title, _ in exprs}
     for wanted in ("Fallbacks", "Cache hit ratio", "Active requests", "Config reloads",
-                   "Tokens/s by model", "Cost/hour by model"):
+                   "Tokens/s by model", "Cost/hour by model", "Attempts by upstream and outcome",
+                   "Keys in rotation", "Models in cool-down"):
         assert wanted in titles
 
 

@@ -38,6 +38,9 @@ pub mod otlp;
 pub mod redis;
 mod shapes;
 pub use shapes::*;
+mod upstreams;
+#[allow(unused_imports, reason = "only some test binaries use these helpers")]
+pub use upstreams::*;
 
 /// Generous bound for waits that succeed in milliseconds unless something is broken; it only
 /// turns a hang into a failure.

@@ -73,11 +73,43 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* No key was given: the Secret is referenced as optional so the pod starts (and stays unready). */}}
 {{- define "openrouter-proxy.secretOptional" -}}
-{{- if and (not .Values.apiKey) (not .Values.existingSecret) }}true{{ else }}false{{ end }}
+{{- if and (not .Values.apiKey) (not .Values.apiKeys) (not .Values.existingSecret) }}true{{ else }}false{{ end }}
 {{- end }}
 
 {{- define "openrouter-proxy.configDir" -}}/etc/openrouter-proxy{{- end }}
 {{- define "openrouter-proxy.secretDir" -}}/var/run/secrets/openrouter{{- end }}
+{{- define "openrouter-proxy.upstreamSecretDir" -}}/var/run/secrets/openrouter-upstreams{{- end }}
+
+{{/*
+The upstreams with keys in Secrets, sorted by name, as a JSON list of {name, secret, dir, keys,
+volume, create}: the Secret (existingSecret, or one the chart creates from apiKeys), where it is
+mounted, its keys as [{name, secretKey, weight}] (one "api-key" by default), and its volume name.
+*/}}
+{{- define "openrouter-proxy.upstreamSecrets" -}}
+{{- $out := list }}
+{{- $secrets := .Values.upstreamSecrets | default dict }}
+{{- range $i, $name := keys $secrets | sortAlpha }}
+{{- $entry := index $secrets $name | default dict }}
+{{- $secret := $entry.existingSecret }}
+{{- if not $secret }}
+{{- $secret = printf "%s-%s" (include "openrouter-proxy.fullname" $) ($name | lower | replace "_" "-" | replace "." "-") | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- $keys := $entry.keys | default (list (dict "secretKey" "api-key")) }}
+{{- $out = append $out (dict "name" $name "secret" $secret "dir" (printf "%s/%s" (include "openrouter-proxy.upstreamSecretDir" $) $name) "keys" $keys "volume" (printf "openrouter-proxy-upstream-%d" $i) "create" (and (not $entry.existingSecret) $entry.apiKeys) "apiKeys" ($entry.apiKeys | default dict)) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* keys = [...] of proxy.toml for `keys` ([{name, secretKey, weight}]) mounted under `dir`. */}}
+{{- define "openrouter-proxy.keyFiles" -}}
+{{- $out := list }}
+{{- range .keys }}
+{{- $key := dict "name" (.name | default .secretKey) "file" (printf "%s/%s" $.dir .secretKey) }}
+{{- if .weight }}{{ $_ := set $key "weight" .weight }}{{ end }}
+{{- $out = append $out $key }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
 
 {{- define "openrouter-proxy.image" -}}
 {{- $tag := .Values.image.tag }}
@@ -162,12 +194,36 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 {{- end }}
 {{- $_ = set $cfg "server" $server }}
 {{- $upstream := $cfg.upstream | default dict }}
-{{- if eq .Values.apiKeySource "file" }}
+{{- /* The chart's default base_url gives way to endpoints. */}}
+{{- if $upstream.endpoints }}{{ $_ = unset $upstream "base_url" }}{{ end }}
+{{- if .Values.keyPool }}
+{{- if $upstream.keys }}{{ fail "set keyPool or config.upstream.keys, not both" }}{{ end }}
+{{- if ne .Values.apiKeySource "file" }}{{ fail "keyPool needs apiKeySource: file (each key is a file of the Secret)" }}{{ end }}
+{{- $pool := dict "keys" .Values.keyPool "dir" (include "openrouter-proxy.secretDir" .) }}
+{{- $_ = set $upstream "keys" (include "openrouter-proxy.keyFiles" $pool | fromJsonArray) }}
+{{- else if $upstream.keys }}
+{{- /* A pool of the user's own (keys from variables set in `env`): left as it is. */}}
+{{- else if eq .Values.apiKeySource "file" }}
 {{- $_ = set $upstream "api_key_file" (printf "%s/api-key" (include "openrouter-proxy.secretDir" .)) }}
 {{- else }}
 {{- $_ = set $upstream "api_key_env" "OPENROUTER_API_KEY" }}
 {{- end }}
 {{- $_ = set $cfg "upstream" $upstream }}
+{{- $upstreams := $cfg.upstreams | default dict }}
+{{- range $entry := include "openrouter-proxy.upstreamSecrets" . | fromJsonArray }}
+{{- if not (hasKey $upstreams $entry.name) }}
+{{- fail (printf "upstreamSecrets.%s: config.upstreams has no upstream named %s" $entry.name $entry.name) }}
+{{- end }}
+{{- $section := index $upstreams $entry.name | default dict }}
+{{- $only := index $entry.keys 0 }}
+{{- if and (eq (len $entry.keys) 1) (not $only.name) (not $only.weight) }}
+{{- $_ = set $section "api_key_file" (printf "%s/%s" $entry.dir $only.secretKey) }}
+{{- else }}
+{{- $_ = set $section "keys" (include "openrouter-proxy.keyFiles" $entry | fromJsonArray) }}
+{{- end }}
+{{- $_ = set $upstreams $entry.name $section }}
+{{- end }}
+{{- $_ = set $cfg "upstreams" $upstreams }}
 {{- toJson $cfg }}
 {{- end }}
 
@@ -178,7 +234,7 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 {{- $cfg := include "openrouter-proxy.configData" . | fromJson }}
 {{- $tables := list "server" "upstream" "fallback" "cache" "log" }}
 {{- range $k := keys $cfg | sortAlpha }}
-{{- if not (or (has $k $tables) (eq $k "routes")) }}{{ $tables = append $tables $k }}{{ end }}
+{{- if not (or (has $k $tables) (eq $k "routes") (eq $k "upstreams")) }}{{ $tables = append $tables $k }}{{ end }}
 {{- end -}}
 # proxy.toml rendered by the openrouter-proxy chart from its `config` values.
 {{- range $t := $tables }}
@@ -188,6 +244,12 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 [{{ $t }}]
 {{- include "openrouter-proxy.tomlBody" $body }}
 {{- end }}
+{{- end }}
+{{- $upstreams := $cfg.upstreams | default dict }}
+{{- range $name := keys $upstreams | sortAlpha }}
+
+[upstreams.{{ include "openrouter-proxy.tomlKey" $name }}]
+{{- include "openrouter-proxy.tomlBody" (index $upstreams $name | default dict) }}
 {{- end }}
 {{- range $route := $cfg.routes | default list }}
 
@@ -270,6 +332,11 @@ With sidecar.native it carries restartPolicy: Always and belongs in initContaine
       mountPath: {{ include "openrouter-proxy.secretDir" . }}
       readOnly: true
     {{- end }}
+    {{- range include "openrouter-proxy.upstreamSecrets" . | fromJsonArray }}
+    - name: {{ .volume }}
+      mountPath: {{ .dir }}
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/*
@@ -286,8 +353,23 @@ subPath) so ConfigMap and Secret updates reach the running proxy.
     secretName: {{ include "openrouter-proxy.secretName" . }}
     optional: {{ include "openrouter-proxy.secretOptional" . }}
     items:
+      {{- range .Values.keyPool }}
+      - key: {{ .secretKey }}
+        path: {{ .secretKey }}
+      {{- else }}
       - key: {{ include "openrouter-proxy.secretKey" . }}
         path: api-key
+      {{- end }}
+{{- end }}
+{{- range include "openrouter-proxy.upstreamSecrets" . | fromJsonArray }}
+- name: {{ .volume }}
+  secret:
+    secretName: {{ .secret }}
+    items:
+      {{- range .keys }}
+      - key: {{ .secretKey }}
+        path: {{ .secretKey }}
+      {{- end }}
 {{- end }}
 {{- end }}
 
