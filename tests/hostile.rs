@@ -293,12 +293,6 @@ async fn admin_connections_cannot_starve_the_api_of_descriptors() {
     assert!(status.success());
 }
 
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(bytes).unwrap();
-    encoder.finish().unwrap()
-}
-
 #[tokio::test]
 async fn compressed_request_bodies_are_decoded() {
     let upstream = MockUpstream::openai_like().await;

@@ -152,18 +152,6 @@ async fn chat(proxy: &TestProxy, upstream: &MockUpstream, model: &str) -> Record
     requests[before].clone()
 }
 
-/// The value of a counter series in Prometheus text, 0 when it is absent.
-async fn counter_value(admin: std::net::SocketAddr, series: &str) -> f64 {
-    let (_, _, body) =
-        read_all(send("GET", &format!("http://{admin}/metrics"), &[], "").await).await;
-    std::str::from_utf8(&body)
-        .unwrap()
-        .lines()
-        .find(|line| line.starts_with(series))
-        .and_then(|line| line.rsplit(' ').next())
-        .map_or(0.0, |value| value.parse().unwrap())
-}
-
 const RELOADS_OK: &str = r#"openrouter_config_reloads_total{result="ok"}"#;
 const RELOADS_ERROR: &str = r#"openrouter_config_reloads_total{result="error"}"#;
 
@@ -422,7 +410,7 @@ async fn invalid_edits_are_rejected_and_the_old_config_keeps_serving() {
     let path = temp_file("proxy.toml", &v1);
     let (proxy, _) = start_live_proxy(&path).await;
     let admin = proxy.admin.to_string();
-    let errors_before = counter_value(proxy.admin, RELOADS_ERROR).await;
+    let errors_before = series_value(&scrape_metrics(proxy.admin).await, RELOADS_ERROR);
 
     let unknown_key = v1.replace("drain_delay", "lisen = 3\ndrain_delay");
     let bad_value = v1.replace("[upstream]", "[upstream]\nconnect_timeout = \"soon\"");
@@ -472,7 +460,7 @@ async fn invalid_edits_are_rejected_and_the_old_config_keeps_serving() {
             "model-1"
         );
     }
-    let errors_after = counter_value(proxy.admin, RELOADS_ERROR).await;
+    let errors_after = series_value(&scrape_metrics(proxy.admin).await, RELOADS_ERROR);
     assert!(
         errors_after >= errors_before + cases.len() as f64,
         "{errors_before} -> {errors_after}"
@@ -491,7 +479,7 @@ async fn invalid_edits_are_rejected_and_the_old_config_keeps_serving() {
         wait_config(&admin, "the error to clear", |c| c["last_error"].is_null()).await;
     assert_eq!(config["reloads"]["ok"], 0, "{config}");
 
-    let ok_before = counter_value(proxy.admin, RELOADS_OK).await;
+    let ok_before = series_value(&scrape_metrics(proxy.admin).await, RELOADS_OK);
     let v2 = versioned(&upstream.url(), &key, 2);
     write_by_rename(&path, &v2);
     let (config, _) = wait_running(&admin, &v2).await;
@@ -500,7 +488,7 @@ async fn invalid_edits_are_rejected_and_the_old_config_keeps_serving() {
         chat(&proxy, &upstream, "alias").await.json()["model"],
         "model-2"
     );
-    assert!(counter_value(proxy.admin, RELOADS_OK).await >= ok_before + 1.0);
+    assert!(series_value(&scrape_metrics(proxy.admin).await, RELOADS_OK) >= ok_before + 1.0);
     proxy.stop().await.unwrap();
 }
 

@@ -87,13 +87,6 @@ async fn post(
     (status.as_u16(), headers, bytes)
 }
 
-fn models_sent(upstream: &MockUpstream) -> Vec<String> {
-    let sent = upstream.requests();
-    sent.iter()
-        .map(|r| r.json()["model"].as_str().unwrap_or("").to_owned())
-        .collect()
-}
-
 fn cache(headers: &http::HeaderMap) -> &str {
     headers["x-cache"].to_str().unwrap()
 }

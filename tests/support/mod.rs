@@ -36,6 +36,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 pub mod batch;
 pub mod otlp;
 pub mod redis;
+mod requests;
+#[allow(unused_imports, reason = "only some test binaries use these helpers")]
+pub use requests::*;
 mod shapes;
 pub use shapes::*;
 mod upstreams;

@@ -171,7 +171,7 @@ pub(crate) async fn run_chain(
             model: label,
         };
         let untried_last = chain.tried == 0 && chain.index + 1 == out.attempts.len();
-        if !untried_last && shared.health.should_skip(target, Instant::now(), policy) {
+        if !untried_last && shared.health.should_skip(target, clock_now(), policy) {
             // Cooling down after repeated failures; the last attempt is made anyway rather than
             // failing the request without a single one.
             chain.notes.push(AttemptNote::skipped(label));
@@ -202,7 +202,7 @@ pub(crate) async fn run_chain(
                 return Ok(response);
             }
             Err(failure) => {
-                shared.health.record_failure(target, Instant::now(), policy);
+                shared.health.record_failure(target, clock_now(), policy);
                 record.attempt_failed(upstream, label, failure.reason.label());
                 if let Some(wait) = chain.failed(out, failure, label, record) {
                     tokio::time::sleep(wait).await;
@@ -262,4 +262,10 @@ impl Chain {
             },
         }
     }
+}
+
+/// Now, for cool-downs: Tokio's clock, which tests can pause and advance (outside tests it is the
+/// system's monotonic clock).
+fn clock_now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
