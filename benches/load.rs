@@ -60,7 +60,10 @@ usage: cargo bench --bench load -- [FLAGS]
   --worker-threads N    the proxy's server.worker_threads (default 1; 0: one per core)
   --nginx PATH          the nginx binary for the floor column (default: nginx on the PATH or in
                         /usr/sbin; without one the column is left out)
-  --no-nginx            leave the nginx column out";
+  --no-nginx            leave the nginx columns out
+  --no-tls              leave out the columns through a TLS + HTTP/2 origin (an nginx with a
+                        self-signed certificate in front of the mock, reached by nginx and by
+                        the proxy; needs nginx and openssl)";
 
 /// The request header that makes the mock answer with SSE: `<chunks> <interval_us> <hold 0|1>`.
 const SSE_HEADER: &str = "x-bench-sse";
@@ -89,6 +92,8 @@ struct Options {
     worker_threads: usize,
     /// nginx for the floor column; `None` leaves it out.
     nginx: Option<PathBuf>,
+    /// The TLS + HTTP/2 origin columns (they need nginx and openssl).
+    tls: bool,
 }
 
 impl Options {
@@ -106,6 +111,7 @@ impl Options {
             proxy: None,
             worker_threads: 1,
             nginx: nginx::find(None),
+            tls: true,
         };
         let number = |value: Option<&String>, flag: &str| -> Result<usize, String> {
             value
@@ -151,6 +157,7 @@ impl Options {
                     options.nginx = nginx::find(Some(&path));
                 }
                 "--no-nginx" => options.nginx = None,
+                "--no-tls" => options.tls = false,
                 "--help" | "-h" => return Err(USAGE.to_owned()),
                 other => return Err(format!("unknown flag {other:?}\n\n{USAGE}")),
             }
@@ -379,10 +386,28 @@ struct ProxyProcess {
     api: SocketAddr,
 }
 
+/// Where the proxy under test sends its requests.
+struct UpstreamSpec {
+    base_url: String,
+    /// A certificate to trust (the TLS origin's self-signed one).
+    ca_file: Option<PathBuf>,
+}
+
+impl UpstreamSpec {
+    fn plain(mock: SocketAddr) -> UpstreamSpec {
+        UpstreamSpec {
+            base_url: format!("http://{mock}/api/v1"),
+            ca_file: None,
+        }
+    }
+}
+
 impl ProxyProcess {
+    /// Starts the proxy in front of `upstream`, which it reaches at `base_url`, trusting
+    /// `upstream.ca_file` when given.
     fn start(
         binary: &Path,
-        upstream: SocketAddr,
+        upstream: &UpstreamSpec,
         max_connections: usize,
         worker_threads: usize,
         log_level: &str,
@@ -395,6 +420,7 @@ impl ProxyProcess {
             std::process::id(),
             STARTED.fetch_add(1, Ordering::Relaxed)
         ));
+        let base_url = &upstream.base_url;
         // At `warn` the access log is off; the start-up line (target openrouter_proxy, level
         // info) still tells us the bound addresses. At `info` every request writes its line.
         let text = format!(
@@ -407,7 +433,7 @@ drain_delay = "0s"
 shutdown_grace = "1s"
 
 [upstream]
-base_url = "http://{upstream}/api/v1"
+base_url = "{base_url}"
 api_key_env = "OPENROUTER_API_KEY"
 
 [upstream.headers]
@@ -432,7 +458,12 @@ cache_ttl = "1h"
 "#
         );
         std::fs::write(&config, text).unwrap();
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(ca_file) = &upstream.ca_file {
+            // The system roots the proxy adds to its own include this file.
+            command.env("SSL_CERT_FILE", ca_file);
+        }
+        let mut child = command
             .arg("--config")
             .arg(&config)
             .env("OPENROUTER_API_KEY", "bench")
@@ -928,7 +959,7 @@ async fn memory_run(
 ) -> MemoryResult {
     let proxy = ProxyProcess::start(
         binary,
-        mock.addr,
+        &UpstreamSpec::plain(mock.addr),
         (2 * n).max(20_000),
         worker_threads,
         WARN_LOG,
@@ -1133,6 +1164,49 @@ fn main() {
     runtime.block_on(run(&options, &binary, &mock, &args));
 }
 
+/// The TLS + HTTP/2 pair: an nginx origin with a self-signed certificate in front of the mock
+/// (what OpenRouter is to the proxy), reached by nginx `proxy_pass` and by the proxy.
+struct TlsSides {
+    _origin: nginx::Nginx,
+    nginx: nginx::Nginx,
+    proxy: ProxyProcess,
+}
+
+impl TlsSides {
+    fn start(
+        nginx: &Path,
+        proxy: &Path,
+        mock: &Mock,
+        tmp: &Path,
+        threads: usize,
+    ) -> Option<TlsSides> {
+        let Some((cert, key)) = nginx::self_signed(&tmp.join("tls")) else {
+            eprintln!("no openssl to make a certificate: the TLS columns are left out");
+            return None;
+        };
+        let origin_role = nginx::Role::TlsOrigin {
+            upstream: mock.addr,
+            cert: &cert,
+            key: &key,
+        };
+        let origin = nginx::Nginx::start(nginx, &origin_role, 20_000, tmp);
+        let front_role = nginx::Role::FrontTls {
+            upstream: origin.addr,
+        };
+        let front = nginx::Nginx::start(nginx, &front_role, 20_000, tmp);
+        let upstream = UpstreamSpec {
+            base_url: format!("https://localhost:{}/api/v1", origin.addr.port()),
+            ca_file: Some(cert),
+        };
+        let proxy = ProxyProcess::start(proxy, &upstream, 20_000, threads, WARN_LOG);
+        Some(TlsSides {
+            _origin: origin,
+            nginx: front,
+            proxy,
+        })
+    }
+}
+
 /// Indexes of the sides in a run: direct first, nginx when present, the proxy at warn and at info.
 struct Layout {
     nginx: Option<usize>,
@@ -1141,23 +1215,31 @@ struct Layout {
 }
 
 async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
-    let proxy = ProxyProcess::start(binary, mock.addr, 20_000, options.worker_threads, WARN_LOG);
-    let proxy_info =
-        ProxyProcess::start(binary, mock.addr, 20_000, options.worker_threads, INFO_LOG);
+    let plain = UpstreamSpec::plain(mock.addr);
+    let threads = options.worker_threads;
+    let proxy = ProxyProcess::start(binary, &plain, 20_000, threads, WARN_LOG);
+    let proxy_info = ProxyProcess::start(binary, &plain, 20_000, threads, INFO_LOG);
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-load");
-    let nginx = options
-        .nginx
-        .as_ref()
-        .map(|binary| nginx::Nginx::start(binary, mock.addr, 20_000, &tmp));
+    let nginx = options.nginx.as_ref().map(|binary| {
+        let role = nginx::Role::Front {
+            upstream: mock.addr,
+        };
+        nginx::Nginx::start(binary, &role, 20_000, &tmp)
+    });
+    let tls = match &options.nginx {
+        Some(nginx) if options.tls => TlsSides::start(nginx, binary, mock, &tmp, threads),
+        _ => None,
+    };
+    let chat = "/api/v1/chat/completions";
     let mut sides = vec![Side {
         name: "direct",
-        target: Target::new(mock.addr, "/api/v1/chat/completions"),
+        target: Target::new(mock.addr, chat),
         pid: None,
     }];
     if let Some(nginx) = &nginx {
         sides.push(Side {
             name: "nginx proxy_pass",
-            target: Target::new(nginx.addr, "/api/v1/chat/completions"),
+            target: Target::new(nginx.addr, chat),
             pid: Some(nginx.pid()),
         });
     }
@@ -1171,6 +1253,18 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
             name,
             target: Target::new(process.api, "/v1/chat/completions"),
             pid: Some(process.pid()),
+        });
+    }
+    if let Some(tls) = &tls {
+        sides.push(Side {
+            name: "nginx → TLS h2 origin",
+            target: Target::new(tls.nginx.addr, chat),
+            pid: Some(tls.nginx.pid()),
+        });
+        sides.push(Side {
+            name: "proxy → TLS h2 origin",
+            target: Target::new(tls.proxy.api, "/v1/chat/completions"),
+            pid: Some(tls.proxy.pid()),
         });
     }
     let started = Instant::now();
@@ -1233,7 +1327,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     } else {
         None
     };
-    drop((proxy, proxy_info, nginx));
+    drop((proxy, proxy_info, nginx, tls));
 
     let mut memory = Vec::new();
     for &asked in &options.streams {
@@ -1264,7 +1358,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     if let Some(mut sse) = sse {
         sse_rows(&mut table, &layout, options, &mut sse);
     }
-    memory_rows(&mut table, sides.len(), &memory);
+    memory_rows(&mut table, sides.len(), layout.proxy, &memory);
     table.print();
     println!();
     println!(
@@ -1305,8 +1399,9 @@ fn print_heading(options: &Options, args: &[String], started: Instant) {
 
 /// Latency, throughput and CPU rows of the closed-loop scenarios.
 fn closed_loop_rows(table: &mut Table, layout: &Layout, comparisons: Vec<Comparison>) {
-    let mut all_requests = vec![0usize; layout.proxy_info + 1];
-    let mut all_cpu = vec![Duration::ZERO; layout.proxy_info + 1];
+    let sides = comparisons.first().map_or(0, |c| c.samples.len());
+    let mut all_requests = vec![0usize; sides];
+    let mut all_cpu = vec![Duration::ZERO; sides];
     for mut c in comparisons {
         let errors: usize = c.samples.iter().map(|s| s.errors).sum();
         assert_eq!(errors, 0, "{}: requests failed", c.label);
@@ -1416,10 +1511,10 @@ fn sse_rows(table: &mut Table, layout: &Layout, options: &Options, sse: &mut [Ss
     table.latency("SSE time to first event p50", &values, "", None);
 }
 
-fn memory_rows(table: &mut Table, sides: usize, memory: &[MemoryResult]) {
+fn memory_rows(table: &mut Table, sides: usize, proxy: usize, memory: &[MemoryResult]) {
     let cells = |value: String| {
         let mut cells = vec!["–".to_owned(); sides];
-        cells[sides - 2] = value;
+        cells[proxy] = value;
         cells
     };
     for m in memory {

@@ -5,6 +5,7 @@
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A running nginx; dropping it kills the process.
@@ -31,7 +32,39 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-fn config(dir: &Path, port: u16, upstream: SocketAddr, connections: usize) -> String {
+/// What an nginx of the bench does.
+pub enum Role<'a> {
+    /// `proxy_pass` to `upstream` over plain HTTP/1.1 with a keep-alive pool.
+    Front { upstream: SocketAddr },
+    /// `proxy_pass` to `upstream` over TLS (nginx speaks HTTP/1.1 to upstreams) with a keep-alive
+    /// pool and session reuse.
+    FrontTls { upstream: SocketAddr },
+    /// A TLS and HTTP/2 server in front of `upstream`, as OpenRouter is, with `cert` and `key`.
+    TlsOrigin {
+        upstream: SocketAddr,
+        cert: &'a Path,
+        key: &'a Path,
+    },
+}
+
+fn config(dir: &Path, port: u16, role: &Role, connections: usize) -> String {
+    let (listen, scheme, upstream) = match role {
+        Role::Front { upstream } => (String::new(), "http", upstream),
+        Role::FrontTls { upstream } => (String::new(), "https", upstream),
+        Role::TlsOrigin {
+            upstream,
+            cert,
+            key,
+        } => (
+            format!(
+                " ssl http2;\n        ssl_certificate {};\n        ssl_certificate_key {}",
+                cert.display(),
+                key.display()
+            ),
+            "http",
+            upstream,
+        ),
+    };
     let dir = dir.display();
     format!(
         r#"daemon off;
@@ -57,13 +90,14 @@ http {{
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{listen};
         location / {{
-            proxy_pass http://mock;
+            proxy_pass {scheme}://mock;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
             proxy_request_buffering off;
+            proxy_ssl_session_reuse on;
         }}
     }}
 }}
@@ -72,15 +106,39 @@ http {{
     )
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1 (not a CA, so that rustls takes it as
+/// its own trust anchor), made with the openssl command; `None` without one.
+pub fn self_signed(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).ok()?;
+    let (cert, key) = (dir.join("origin.crt"), dir.join("origin.key"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    made.success().then_some((cert, key))
+}
+
 impl Nginx {
-    /// Starts nginx in front of `upstream`, allowing `connections` at once (client and upstream
-    /// side together), and waits until it accepts connections.
-    pub fn start(binary: &Path, upstream: SocketAddr, connections: usize, dir: &Path) -> Nginx {
-        let dir = dir.join(format!("nginx-{}", std::process::id()));
+    /// Starts nginx in `role`, allowing `connections` at once (client and upstream side
+    /// together), and waits until it accepts connections.
+    pub fn start(binary: &Path, role: &Role, connections: usize, dir: &Path) -> Nginx {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let dir = dir.join(format!("nginx-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(&dir, port, upstream, connections)).unwrap();
+        std::fs::write(&conf, config(&dir, port, role, connections)).unwrap();
         let child = Command::new(binary)
             .arg("-p")
             .arg(&dir)
