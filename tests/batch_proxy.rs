@@ -411,3 +411,37 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn pass_through_callers_own_their_batches_and_their_lines_carry_their_key() {
+    let upstream = MockUpstream::start(answer).await;
+    let store = store_dir();
+    let extra = format!(
+        "[upstream]\nauth = \"passthrough\"\n[batch]\nstore = \"{}\"\n",
+        store.display()
+    );
+    let proxy = TestProxy::start(&upstream, &extra).await;
+    let addr = proxy.addr.to_string();
+
+    // No key: the same 401 as a chat request without one.
+    let (status, _, body) = read_all(send("GET", &proxy.url("/v1/files"), &[], "").await).await;
+    let chat = r#"{"model":"m","messages":[]}"#;
+    let (_, _, chat_body) = read_all(chat_request(&proxy, chat).await).await;
+    assert_eq!(status, 401);
+    assert_eq!(error_json(&body), error_json(&chat_body));
+    assert_eq!(error_json(&body)["error"]["code"], "missing_credentials");
+
+    let input = input_file(&numbered_lines("line", 3));
+    let summary = python_sdk(&addr, "sk-or-key-a", &["run", input.to_str().unwrap()]).await;
+    assert_eq!(summary["batch"]["status"], "completed", "{summary}");
+    for request in upstream.requests() {
+        assert_eq!(request.header("authorization"), Some("Bearer sk-or-key-a"));
+    }
+    let batch = &summary["batch"];
+    let (batch_id, file_id) = (
+        batch["id"].as_str().unwrap(),
+        batch["input_file_id"].as_str().unwrap(),
+    );
+    python_sdk(&addr, "sk-or-key-b", &["foreign", batch_id, file_id]).await;
+    proxy.stop().await.unwrap();
+}
