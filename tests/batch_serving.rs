@@ -257,3 +257,60 @@ async fn a_reload_keeps_the_running_batch_api_and_says_so() {
     assert_eq!(upstream.request_count(), 0);
     proxy.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn after_a_restart_a_pass_through_owners_lines_wait_for_its_key() {
+    // Every line is held while `hold` is set.
+    let gates = Gates::default();
+    let hold = Arc::new(AtomicBool::new(true));
+    let (held, holding) = (gates.clone(), hold.clone());
+    let upstream = MockUpstream::start(move |request| {
+        if holding.load(Ordering::SeqCst) {
+            held.hold(answer(request))
+        } else {
+            answer(request)
+        }
+    })
+    .await;
+    let store = store_dir();
+    let extra = format!(
+        "[server]\nshutdown_grace = \"100ms\"\n[upstream]\nauth = \"passthrough\"\n\
+         [batch]\nstore = \"{}\"\nconcurrency = 3\nretry_base = \"20ms\"\nmax_retries = 20\n",
+        store.display()
+    );
+    let proxy = TestProxy::start(&upstream, &extra).await;
+    let input = input_file(&numbered_lines("line", 3));
+    let created = python_sdk(
+        &proxy.addr.to_string(),
+        "sk-or-key-a",
+        &["create", input.to_str().unwrap()],
+    )
+    .await;
+    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    upstream.wait_requests(3).await;
+    proxy.stop().await.unwrap();
+    hold.store(false, Ordering::SeqCst);
+    gates.release();
+
+    // The new process does not know the owner's key: its lines are retried, never sent keyless.
+    let proxy = TestProxy::start(&upstream, &extra).await;
+    let retried = "openrouter_batch_lines_total{status=\"retried\"}";
+    wait_until_async("lines retried for want of the key", || async {
+        proxy.metric(retried).await.is_some_and(|n| n >= 3.0)
+    })
+    .await;
+    assert_eq!(upstream.request_count(), 3);
+    // The owner polls: its key is known again and the lines run with it.
+    let summary = python_sdk(&proxy.addr.to_string(), "sk-or-key-a", &["wait", &batch_id]).await;
+    assert_eq!(summary["batch"]["status"], "completed", "{summary}");
+    assert_eq!(
+        custom_ids(&jsonl(&summary["output"])),
+        numbered("line", 1..=3)
+    );
+    let sent = upstream.requests();
+    assert_eq!(sent.len(), 6);
+    assert!(sent
+        .iter()
+        .all(|r| r.header("authorization") == Some("Bearer sk-or-key-a")));
+    proxy.stop().await.unwrap();
+}

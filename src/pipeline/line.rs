@@ -64,7 +64,7 @@ impl BatchCaller {
 /// The own keys of callers known by their key, kept in memory only (never in the batch store,
 /// never logged): a line of such a caller goes upstream with its key. After a restart a key is
 /// known again with the caller's next Batch API call (its polling); until then its lines that
-/// need the key wait in the retry backoff.
+/// need the key are retried with the usual backoff (and fail once out of retries).
 #[derive(Default)]
 pub struct CallerKeys(Mutex<HashMap<String, HeaderValue>>);
 
@@ -134,8 +134,8 @@ impl LineExecutor for PipelineLines {
                 && String::from_utf8_lossy(&body).contains(ProxyError::MissingCredentials.kind());
             if key_unknown && missing_key {
                 return LineOutcome::Unreachable(
-                    "the owner's own key is not known since the proxy started; the line runs \
-                     again once the owner calls the Batch API"
+                    "the owner's own key is kept in memory only and is not known since the \
+                     proxy started; it is known again at the owner's next Batch API call"
                         .to_owned(),
                 );
             }
