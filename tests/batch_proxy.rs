@@ -89,17 +89,7 @@ async fn two_hundred_lines_run_through_the_proxy_as_their_owner() {
     proxy.signal("TERM").await;
     let (status, logs) = proxy.wait().await;
     assert!(status.success(), "{status:?}");
-    let access: Vec<Value> = logs
-        .iter()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| event["message"] == "request" && event["batch_id"] != "")
-        .collect();
-    assert!(access.len() >= 200, "{} batch access lines", access.len());
-    for event in &access {
-        assert_eq!(event["batch_id"], batch_id, "{event}");
-        assert_eq!(event["caller"], "alice", "{event}");
-        assert_eq!(event["route"], "batchy", "{event}");
-    }
+    check_access_log(&logs, batch_id);
 }
 
 #[tokio::test]
@@ -163,4 +153,39 @@ async fn a_proxy_killed_mid_batch_resumes_without_sending_an_answered_line_again
     }
     proxy.signal("TERM").await;
     assert!(proxy.wait().await.0.success());
+}
+
+/// Every batch line's access-log line names its batch, its owner and its route; the Batch API's
+/// own calls have lines too (the upload, the creation, another caller's 404, a refused caller).
+fn check_access_log(logs: &[String], batch_id: &str) {
+    let requests: Vec<Value> = logs
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["message"] == "request")
+        .collect();
+    let lines: Vec<&Value> = requests.iter().filter(|e| e["batch_id"] != "").collect();
+    assert!(lines.len() >= 200, "{} batch access lines", lines.len());
+    for event in &lines {
+        assert_eq!(event["batch_id"], batch_id, "{event}");
+        assert_eq!(event["caller"], "alice", "{event}");
+        assert_eq!(event["route"], "batchy", "{event}");
+    }
+    // The Batch API calls have their own lines too: the upload, the refused caller.
+    let api = |method: &str, path: &str, caller: &str, status: u16| {
+        requests.iter().any(|e| {
+            e["route"] == "batch_api"
+                && e["method"] == method
+                && e["path"] == path
+                && e["caller"] == caller
+                && e["status"] == status
+        })
+    };
+    assert!(
+        api("POST", "/v1/files", "alice", 200),
+        "{:?}",
+        requests.last()
+    );
+    assert!(api("POST", "/v1/batches", "alice", 200));
+    assert!(api("GET", &format!("/v1/batches/{batch_id}"), "bob", 404));
+    assert!(api("GET", "/v1/batches", "", 401));
 }

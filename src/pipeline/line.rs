@@ -27,6 +27,8 @@ const ANYONE: &str = "local";
 /// The Batch API caller of a request: its owner string, and its own key when it sent one.
 pub struct BatchCaller {
     pub owner: String,
+    /// The inbound token's name, for logs.
+    pub token: Option<Arc<str>>,
     key: Option<HeaderValue>,
 }
 
@@ -39,6 +41,7 @@ impl BatchCaller {
         if let Some(token) = caller.token {
             return Ok(BatchCaller {
                 owner: format!("{TOKEN}{}", token.name),
+                token: Some(token.name.clone()),
                 key: None,
             });
         }
@@ -48,6 +51,7 @@ impl BatchCaller {
                     "{KEY}{}",
                     crate::auth::hex(&crate::auth::sha256(key.as_bytes()))
                 ),
+                token: None,
                 key: Some(key),
             }),
             None if runtime.upstreams.default_upstream().auth == UpstreamAuth::Passthrough => {
@@ -55,6 +59,7 @@ impl BatchCaller {
             }
             None => Ok(BatchCaller {
                 owner: ANYONE.to_owned(),
+                token: None,
                 key: None,
             }),
         }

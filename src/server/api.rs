@@ -17,8 +17,12 @@ use hyper::body::Incoming;
 use crate::batch::{ApiBody, BatchService};
 use crate::pipeline::line::{BatchCaller, CallerKeys};
 use crate::pipeline::relay::ProxyBody;
-use crate::pipeline::Shared;
+use crate::pipeline::{RequestContext, Shared};
+use crate::record::{Outcome, RequestRecord};
 use crate::shape::Shape;
+
+/// The `route` of Batch API requests in the access log and the request metrics.
+const BATCH_API_ROUTE: &str = "batch_api";
 
 /// What the API listener serves with.
 pub(crate) struct Api {
@@ -34,6 +38,9 @@ pub(crate) struct Api {
 /// A response body of the API listener; while it lives, its request counts as live.
 pub(crate) struct ApiResponseBody {
     inner: Either<ProxyBody, ApiBody>,
+    /// A Batch API request's record, written when the body ends or is dropped (pipeline
+    /// answers carry theirs inside their body).
+    record: Option<Box<RequestRecord>>,
     _live: LiveRequest,
 }
 
@@ -61,7 +68,22 @@ impl Body for ApiResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(record) = &mut this.record {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    record.on_data(frame.data_ref().map_or(0, Bytes::len));
+                    // hyper stops polling a body that says it has ended.
+                    if this.inner.is_end_stream() {
+                        record.outcome = Outcome::Complete;
+                    }
+                }
+                Poll::Ready(None) => record.outcome = Outcome::Complete,
+                _ => {}
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -79,35 +101,54 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ApiResponseBody>, Infallible> {
     let live = LiveRequest::new(&api.live);
-    let answer = match &api.batch {
+    let (answer, record) = match &api.batch {
         Some(batch) if crate::batch::owns(request.uri().path()) => {
-            batch_api(&api, batch, request).await
+            let (answer, record) = batch_api(&api, batch, request).await;
+            (answer, Some(record))
         }
         _ => {
             let Ok(response) = crate::pipeline::handle(api.shared.clone(), request).await;
-            response.map(Either::Left)
+            (response.map(Either::Left), None)
         }
     };
-    Ok(answer.map(|inner| ApiResponseBody { inner, _live: live }))
+    Ok(answer.map(|inner| ApiResponseBody {
+        inner,
+        record,
+        _live: live,
+    }))
 }
 
-/// A Batch API request, on behalf of its authenticated caller.
+/// A Batch API request, on behalf of its authenticated caller, with the record of its access-log
+/// line (its owner's token as `caller`, never a key).
 async fn batch_api(
     api: &Api,
     batch: &BatchService,
     request: Request<Incoming>,
-) -> Response<Either<ProxyBody, ApiBody>> {
-    let runtime = api.shared.runtime.load();
-    match BatchCaller::of(&runtime, request.headers()) {
+) -> (Response<Either<ProxyBody, ApiBody>>, Box<RequestRecord>) {
+    let (method, path) = (request.method(), request.uri().path());
+    let ctx = RequestContext::new(&api.shared, method, path, request.headers());
+    let mut record = ctx.record;
+    record.route = Arc::from(BATCH_API_ROUTE);
+    let mut response = match BatchCaller::of(&ctx.runtime, request.headers()) {
         Ok(caller) => {
             api.keys.remember(&caller);
+            record.caller = caller.token.clone();
             let response = batch.handle(&caller.owner, request).await;
             response.map(Either::Right)
         }
         Err(error) => {
-            let shape = Shape::of(request.method(), request.uri().path());
-            let response = error.into_response(shape);
+            record.error = Some(error.kind());
+            let response = error.into_response(Shape::of(method, path));
             response.map(|bytes| Either::Left(ProxyBody::full(bytes)))
         }
+    };
+    record.status = response.status().as_u16();
+    if let Ok(id) = http::HeaderValue::from_str(&record.request_id) {
+        let name = crate::pipeline::headers::X_REQUEST_ID.clone();
+        response.headers_mut().insert(name, id);
     }
+    if http_body::Body::is_end_stream(response.body()) {
+        record.outcome = Outcome::Complete;
+    }
+    (response, record)
 }
