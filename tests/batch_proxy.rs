@@ -189,3 +189,19 @@ fn check_access_log(logs: &[String], batch_id: &str) {
     assert!(api("GET", &format!("/v1/batches/{batch_id}"), "bob", 404));
     assert!(api("GET", "/v1/batches", "", 401));
 }
+
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_stops_the_start_with_a_clear_error() {
+    let upstream = MockUpstream::openai_like().await;
+    // A regular file where the store's directory should be.
+    let store = temp_file("not-a-directory", "");
+    let config = binary_config(&upstream, &store, "");
+    let proxy = BinaryProxy::spawn(&config, &[]).await;
+    let (status, logs) = proxy.wait().await;
+    assert!(!status.success(), "{status:?}");
+    let error = logs
+        .iter()
+        .find(|line| line.contains("cannot open the batch store"))
+        .unwrap_or_else(|| panic!("no error line: {logs:?}"));
+    assert!(error.contains(store.to_str().unwrap()), "{error}");
+}
