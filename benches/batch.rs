@@ -1,6 +1,9 @@
 //! Batch throughput: lines per second for one batch of 10,000 chat lines run by the batch
 //! service (embedded store, workers, output file) against a fast mock upstream on loopback, at
-//! several concurrencies; prints a markdown table.
+//! several concurrencies; prints a markdown table. Each concurrency runs twice in one run: lines
+//! sent straight to the mock (`direct`), and lines run through the proxy's pipeline as the
+//! running proxy runs them (`proxy`: routing, key injection, the upstream client, the access
+//! log), so the proxy's share is a ratio from one run.
 //!
 //! Run it with `cargo bench --bench batch` (`-- --lines N --concurrency A,B` to change the run).
 //! Under `cargo test` it does nothing.
@@ -29,6 +32,8 @@ use openrouter_proxy::batch::{
     SystemClock,
 };
 use openrouter_proxy::config::BatchConfig;
+use openrouter_proxy::pipeline::line::{CallerKeys, PipelineLines};
+use openrouter_proxy::pipeline::Shared;
 use tokio::net::TcpListener;
 
 const ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"a short answer of a few words"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16}}"#;
@@ -131,8 +136,35 @@ async fn call(service: &BatchService, method: &str, path: &str, body: Bytes) -> 
     serde_json::from_slice(&body).unwrap()
 }
 
+/// How lines reach the mock.
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Direct,
+    Proxy,
+}
+
+/// The executor for `path`: a plain client, or the proxy's pipeline configured for the mock.
+fn executor(mock: SocketAddr, path: Path) -> Arc<dyn LineExecutor> {
+    if path == Path::Direct {
+        return Arc::new(Forward {
+            base: format!("http://{mock}"),
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        });
+    }
+    let key = std::env::temp_dir().join(format!("batch-bench-key-{}", std::process::id()));
+    std::fs::write(&key, "sk-bench").unwrap();
+    let text = format!(
+        "[upstream]\nbase_url = \"http://{mock}/v1\"\napi_key_file = \"{}\"\n",
+        key.display()
+    );
+    let config = openrouter_proxy::Config::parse(&text).unwrap();
+    let runtime = openrouter_proxy::runtime::Runtime::build(config, None).unwrap();
+    let shared = Arc::new(Shared::new(runtime).unwrap());
+    Arc::new(PipelineLines::new(shared, Arc::new(CallerKeys::default())))
+}
+
 /// Runs one batch of `lines` at `concurrency`; returns the seconds from creation to completion.
-async fn run(mock: SocketAddr, lines: usize, concurrency: usize) -> f64 {
+async fn run(mock: SocketAddr, path: Path, lines: usize, concurrency: usize) -> f64 {
     let store =
         std::env::temp_dir().join(format!("batch-bench-{}-{concurrency}", std::process::id()));
     let _ = std::fs::remove_dir_all(&store);
@@ -141,14 +173,10 @@ async fn run(mock: SocketAddr, lines: usize, concurrency: usize) -> f64 {
         concurrency,
         ..BatchConfig::default()
     };
-    let executor = Forward {
-        base: format!("http://{mock}"),
-        client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
-    };
     let service = BatchService::start(
         config.clone(),
         Arc::new(SqliteStore::open(&config.store).unwrap()),
-        Arc::new(executor),
+        executor(mock, path),
         Arc::new(AtomicUsize::new(0)),
         Arc::new(SystemClock),
     );
@@ -194,17 +222,28 @@ fn main() {
         .map(|c| c.parse().unwrap())
         .collect();
     let mock = start_mock();
+    // The running proxy writes an access-log line per batch line: so does this one, to nowhere.
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_env_filter("info")
+        .with_writer(std::io::sink)
+        .init();
     // One thread serves the proxy by default (`server.worker_threads = 1`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    println!("| concurrency | lines | seconds | lines/s |\n|---:|---:|---:|---:|");
+    println!(
+        "| concurrency | lines | lines/s direct | lines/s through the proxy | proxy / direct |\n|---:|---:|---:|---:|---:|"
+    );
     for concurrency in concurrencies {
-        let seconds = runtime.block_on(run(mock, lines, concurrency));
+        let direct = runtime.block_on(run(mock, Path::Direct, lines, concurrency));
+        let proxied = runtime.block_on(run(mock, Path::Proxy, lines, concurrency));
+        let (direct, proxied) = (lines as f64 / direct, lines as f64 / proxied);
         println!(
-            "| {concurrency} | {lines} | {seconds:.2} | {:.0} |",
-            lines as f64 / seconds
+            "| {concurrency} | {lines} | {direct:.0} | {proxied:.0} | {:.2} |",
+            proxied / direct
         );
     }
 }

@@ -11,6 +11,7 @@ mod context;
 pub mod headers;
 pub mod inbound;
 pub mod intake;
+pub mod line;
 mod lookup;
 pub mod relay;
 
@@ -135,7 +136,17 @@ pub struct InternalRequest {
 /// Runs plan -> cache -> attempts for a request that did not come from a connection, returning
 /// the answer the HTTP path would send for it.
 pub async fn execute(shared: &Shared, request: InternalRequest) -> Response<ProxyBody> {
+    execute_in_batch(shared, request, None).await
+}
+
+/// [`execute`] for a line of the batch `batch_id`, which its access-log line names.
+pub async fn execute_in_batch(
+    shared: &Shared,
+    request: InternalRequest,
+    batch_id: Option<String>,
+) -> Response<ProxyBody> {
     let mut ctx = RequestContext::new(shared, &request.method, &request.path, &request.headers);
+    ctx.record.batch_id = batch_id;
     let outcome = match internal_inbound(&ctx.runtime, request) {
         Ok(inbound) => answer(shared, &mut ctx, inbound).await,
         Err(error) => Err(error),

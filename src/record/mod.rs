@@ -48,6 +48,8 @@ pub struct RequestRecord {
     /// A cache hit that waited for an identical request's upstream answer: its time is that
     /// request's upstream time, not the proxy's overhead.
     pub coalesced: bool,
+    /// The batch a batch line belongs to (`None` for a client's request).
+    pub batch_id: Option<String>,
 
     /// The config the request runs on; it decides which model names are label values.
     config: Arc<Config>,
@@ -141,6 +143,7 @@ impl RequestRecord {
             cache: None,
             cache_tier: None,
             coalesced: false,
+            batch_id: None,
             config,
             dispatched: None,
             first_byte: None,

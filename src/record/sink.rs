@@ -107,6 +107,7 @@ impl Drop for RequestRecord {
             cache = self.cache.map_or("", CacheResult::header),
             cache_tier = self.cache_tier.unwrap_or(""),
             coalesced = self.coalesced,
+            batch_id = self.batch_id.as_deref().unwrap_or(""),
             bytes = self.bytes,
             "request"
         );

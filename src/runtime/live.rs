@@ -192,8 +192,8 @@ pub(super) fn key_hash(config: &Config) -> Option<String> {
     Some(content_hash(&all))
 }
 
-/// Settings baked into listeners, the accept loop, the logger or the cache at start-up. A reload
-/// keeps their running values and says so.
+/// Settings baked into listeners, the accept loop, the logger, the cache or the Batch API at
+/// start-up. A reload keeps their running values and says so.
 pub(super) fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'static str> {
     let mut kept = Vec::new();
     macro_rules! keep {
@@ -219,6 +219,8 @@ pub(super) fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'sta
     keep!(cache.max_entry_bytes, "cache.max_entry_bytes");
     keep!(log.format, "log.format");
     keep!(log.level, "log.level");
+    // The Batch API's store, workers and routes are set up once, at start-up.
+    keep!(batch, "batch");
     kept
 }
 
@@ -240,7 +242,7 @@ mod tests {
         let running = Config::default();
         let mut new = Config::parse(
             "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 5\nheader_read_timeout = \"1s\"\n\
-             [cache]\nmax_bytes = 10\n[log]\nlevel = \"debug\"\n[[routes]]\nname = \"r\"\n",
+             [cache]\nmax_bytes = 10\n[log]\nlevel = \"debug\"\n[batch]\n[[routes]]\nname = \"r\"\n",
         )
         .unwrap();
         let kept = keep_restart_only(&mut new, &running);
@@ -250,7 +252,8 @@ mod tests {
                 "server.listen",
                 "server.header_read_timeout",
                 "cache.max_bytes",
-                "log.level"
+                "log.level",
+                "batch"
             ]
         );
         assert_eq!(new.server.listen, running.server.listen);
@@ -260,6 +263,7 @@ mod tests {
         );
         assert_eq!(new.cache.max_bytes, running.cache.max_bytes);
         assert_eq!(new.log.level, running.log.level);
+        assert_eq!(new.batch, None);
         // Everything else is live.
         assert_eq!(new.server.max_body_bytes, 5);
         assert_eq!(new.routes.len(), 1);

@@ -2,7 +2,7 @@
 //! with a deadline.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,9 +11,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 pub mod admin;
+mod api;
 mod connection;
 
+use crate::batch::BatchService;
 use crate::config::ServerConfig;
+use crate::pipeline::line::{CallerKeys, PipelineLines};
 use crate::pipeline::Shared;
 use crate::runtime::ReloadLog;
 use crate::server::connection::{ConnPolicy, Pressure};
@@ -28,6 +31,10 @@ pub struct Listeners {
 /// connections are refused after `drain_delay`, and in-flight requests (open streams included)
 /// get up to `shutdown_grace` to finish.
 ///
+/// With `[batch]` configured, the Batch API starts first (its store opened, its workers running
+/// below the live traffic counted here) and stops within the same grace period as the
+/// connections.
+///
 /// Connection caps and timeouts are fixed here at start-up; `drain_delay` and `shutdown_grace`
 /// are read from the config running when the shutdown begins.
 pub async fn run(
@@ -37,6 +44,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let settings = shared.runtime.load().config.server.clone();
+    let keys = Arc::new(CallerKeys::default());
+    let live = Arc::new(AtomicUsize::new(0));
+    let batch = start_batch(&shared, &keys, &live)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port keeps answering while the API drains, so probes see the 503 readiness; its
     // connections end with `run` itself (the drain sender dropped, the task aborted).
@@ -59,8 +69,13 @@ pub async fn run(
     };
     let (drain_tx, drain_rx) = watch::channel(false);
     let api = {
-        let shared = shared.clone();
-        let handle = move |request| crate::pipeline::handle(shared.clone(), request);
+        let api = Arc::new(api::Api {
+            shared: shared.clone(),
+            batch: batch.clone(),
+            keys,
+            live,
+        });
+        let handle = move |request| api::handle(api.clone(), request);
         let listener = Accept {
             name: "api",
             max_connections: settings.max_connections,
@@ -81,7 +96,7 @@ pub async fn run(
     tokio::time::sleep(settings.drain_delay).await;
     let _ = stop_tx.send(true);
 
-    let mut connections = match api.await {
+    let connections = match api.await {
         Ok(connections) => connections,
         Err(error) => {
             tracing::error!(%error, "the accept loop failed");
@@ -89,12 +104,26 @@ pub async fn run(
             return Err(std::io::Error::other(error));
         }
     };
-    let open = connections.len();
     let _ = drain_tx.send(true);
-    let finished = tokio::time::timeout(settings.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
+    drain(connections, batch.as_deref(), settings.shutdown_grace).await;
+    admin.abort();
+    Ok(())
+}
+
+/// Lets the open connections and the batch lines in flight finish within `grace`, side by side;
+/// then closes what is left (unfinished lines run again at the next start).
+async fn drain(mut connections: JoinSet<()>, batch: Option<&BatchService>, grace: Duration) {
+    let open = connections.len();
+    let (finished, ()) = tokio::join!(
+        tokio::time::timeout(grace, async {
+            while connections.join_next().await.is_some() {}
+        }),
+        async {
+            if let Some(batch) = batch {
+                batch.shutdown(grace).await;
+            }
+        }
+    );
     // Dropping the set aborts what is still running.
     drop(connections);
     if finished.is_err() {
@@ -105,8 +134,27 @@ pub async fn run(
     } else {
         tracing::info!("all connections finished");
     }
-    admin.abort();
-    Ok(())
+}
+
+/// Opens the Batch API when `[batch]` is configured; its lines run through the pipeline.
+fn start_batch(
+    shared: &Arc<Shared>,
+    keys: &Arc<CallerKeys>,
+    live: &Arc<AtomicUsize>,
+) -> std::io::Result<Option<Arc<BatchService>>> {
+    let runtime = shared.runtime.load();
+    let Some(config) = &runtime.config.batch else {
+        return Ok(None);
+    };
+    let lines = Arc::new(PipelineLines::new(shared.clone(), keys.clone()));
+    let service = BatchService::open(config, lines, live.clone()).map_err(|error| {
+        std::io::Error::other(format!(
+            "cannot open the batch store in {}: {error}",
+            config.store.display()
+        ))
+    })?;
+    tracing::info!(store = %config.store.display(), concurrency = config.concurrency, "batch API enabled");
+    Ok(Some(Arc::new(service)))
 }
 
 fn policy(settings: &ServerConfig, drain: watch::Receiver<bool>) -> ConnPolicy {

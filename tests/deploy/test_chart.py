@@ -122,6 +122,12 @@ VALUE_SETS: dict[str, dict] = {
         },
         "config": {"upstreams": UPSTREAMS, "routes": UPSTREAM_ROUTES},
     },
+    "batch-standalone": {
+        "replicaCount": 1,
+        "batch": {"enabled": True, "persistence": {"enabled": True, "size": "20Gi", "storageClass": "fast-ssd"}},
+        "config": {"batch": {"concurrency": 16, "retention": "3d", "retry_base": "1s"}},
+    },
+    "batch-sidecar": {"apiKey": "sk-or-test", "app": APP, "batch": {"enabled": True, "emptyDir": {"sizeLimit": "2Gi"}}},
     "created-key-pool": {
         "apiKeys": {"key-a": "sk-or-a", "key-b": "sk-or-b"},
         "keyPool": [{"name": "a", "secretKey": "key-a"}, {"name": "b", "secretKey": "key-b"}],
@@ -707,6 +713,83 @@ def test_monitoring_is_off_by_default(chart):
 
 
 # ---------------------------------------------------------------------------------------------
+# the Batch API's store
+
+
+BATCH_MOUNT = "/var/lib/openrouter-proxy/batches"
+
+
+def batch_volume(docs: list[dict]) -> dict:
+    """The volume mounted where [batch] store points, checked to be the proxy's only writable one."""
+    spec = pod_spec(docs)
+    store = proxy_toml(docs)["batch"]["store"]
+    mounts = [m for m in proxy_container(spec)["volumeMounts"] if m["mountPath"] == store]
+    assert len(mounts) == 1 and not mounts[0].get("readOnly"), mounts
+    volumes = [v for v in spec["volumes"] if v["name"] == mounts[0]["name"]]
+    assert len(volumes) == 1
+    return volumes[0]
+
+
+def test_batch_is_off_by_default(chart):
+    docs = render(chart, {"config": {"batch": {"concurrency": 4}}})
+    assert "batch" not in proxy_toml(docs)
+    assert not find(docs, "PersistentVolumeClaim")
+    assert "strategy" not in one(docs, "Deployment")["spec"]
+
+
+def test_standalone_batch_store_on_a_claim(chart):
+    docs = render(chart, VALUE_SETS["batch-standalone"])
+    batch = proxy_toml(docs)["batch"]
+    assert batch == {"store": BATCH_MOUNT, "concurrency": 16, "retention": "3d", "retry_base": "1s"}
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert batch_volume(docs) == {"name": "openrouter-proxy-batches",
+                                  "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # The non-root proxy can write the volume.
+    assert pod_spec(docs)["securityContext"]["fsGroup"] == 65532
+
+
+def test_standalone_batch_store_on_an_existing_claim(chart):
+    values = {"replicaCount": 1, "batch": {"enabled": True,
+                                           "persistence": {"enabled": True, "existingClaim": "batches"}}}
+    docs = render(chart, values)
+    assert not find(docs, "PersistentVolumeClaim")
+    assert batch_volume(docs)["persistentVolumeClaim"] == {"claimName": "batches"}
+
+
+def test_batch_without_persistence_is_an_empty_dir(chart):
+    docs = render(chart, {"batch": {"enabled": True, "mountPath": "/data/batches"}})
+    assert proxy_toml(docs)["batch"] == {"store": "/data/batches"}
+    assert batch_volume(docs)["emptyDir"] == {}
+    assert not find(docs, "PersistentVolumeClaim")
+
+
+def test_sidecar_batch_store_is_an_empty_dir(chart):
+    docs = render(chart, VALUE_SETS["batch-sidecar"])
+    assert batch_volume(docs)["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert not find(docs, "PersistentVolumeClaim")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"batch": {"enabled": True, "persistence": {"enabled": True}}}, "replicaCount: 1"),
+        ({"replicaCount": 1, "autoscaling": {"enabled": True},
+          "batch": {"enabled": True, "persistence": {"enabled": True}}}, "replicaCount: 1"),
+        ({"app": APP, "batch": {"enabled": True, "persistence": {"enabled": True}}}, "standalone shape"),
+    ],
+)
+def test_batch_persistence_refuses_what_cannot_work(chart, values, message):
+    with pytest.raises(Exception, match=message):
+        render_raw(chart, values)
+
+
+# ---------------------------------------------------------------------------------------------
 # the values schema
 
 
@@ -753,6 +836,14 @@ def test_monitoring_is_off_by_default(chart):
         {"apiKeys": {"key-a": 5}},
         {"upstreamSecrets": {"x": {"existingSecret": "s", "apiKeys": {"api-key": "k"}}}},
         {"upstreamSecrets": {"x": {"existingSecret": "s", "keys": [{"name": "a"}]}}},
+        {"batch": {"enabled": "yes"}},
+        {"batch": {"mountPath": "relative/dir"}},
+        {"batch": {"persistence": {"size": "lots"}}},
+        {"batch": {"persistence": {"accessModes": ["ReadOnlyMany"]}}},
+        {"config": {"batch": {"store": "/elsewhere"}}},
+        {"config": {"batch": {"concurrency": 0}}},
+        {"config": {"batch": {"retention": "a week"}}},
+        {"config": {"batch": {"workers": 3}}},
     ],
 )
 def test_schema_rejects_bad_values(chart, values):

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub mod batch;
+pub mod batch_proxy;
 pub mod otlp;
 pub mod redis;
 mod requests;

@@ -224,6 +224,13 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 {{- $_ = set $upstreams $entry.name $section }}
 {{- end }}
 {{- $_ = set $cfg "upstreams" $upstreams }}
+{{- if .Values.batch.enabled }}
+{{- $batch := $cfg.batch | default dict }}
+{{- $_ = set $batch "store" .Values.batch.mountPath }}
+{{- $_ = set $cfg "batch" $batch }}
+{{- else }}
+{{- $_ = unset $cfg "batch" }}
+{{- end }}
 {{- toJson $cfg }}
 {{- end }}
 
@@ -337,6 +344,10 @@ With sidecar.native it carries restartPolicy: Always and belongs in initContaine
       mountPath: {{ .dir }}
       readOnly: true
     {{- end }}
+    {{- if .Values.batch.enabled }}
+    - name: openrouter-proxy-batches
+      mountPath: {{ .Values.batch.mountPath }}
+    {{- end }}
 {{- end }}
 
 {{/*
@@ -370,6 +381,36 @@ subPath) so ConfigMap and Secret updates reach the running proxy.
       - key: {{ .secretKey }}
         path: {{ .secretKey }}
       {{- end }}
+{{- end }}
+{{- if .Values.batch.enabled }}
+- name: openrouter-proxy-batches
+  {{- if include "openrouter-proxy.batchClaim" . }}
+  persistentVolumeClaim:
+    claimName: {{ include "openrouter-proxy.batchClaim" . }}
+  {{- else if .Values.batch.emptyDir.sizeLimit }}
+  emptyDir:
+    sizeLimit: {{ .Values.batch.emptyDir.sizeLimit }}
+  {{- else }}
+  emptyDir: {}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The claim holding the batch store: batch.persistence in the standalone shape (the claim the chart
+creates, or batch.persistence.existingClaim); empty otherwise (an emptyDir). A store has one
+writer, so persistence refuses more than one replica.
+*/}}
+{{- define "openrouter-proxy.batchClaim" -}}
+{{- $persist := .Values.batch.persistence }}
+{{- if and .Values.batch.enabled $persist.enabled }}
+{{- if include "openrouter-proxy.inAppPod" . }}
+{{- fail "batch.persistence is for the standalone shape; a sidecar's store is an emptyDir (see batch.emptyDir)" }}
+{{- end }}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) }}
+{{- fail "batch.persistence needs replicaCount: 1 and autoscaling.enabled: false (the batch store has one writer)" }}
+{{- end }}
+{{- $persist.existingClaim | default (printf "%s-batches" (include "openrouter-proxy.fullname" .)) }}
 {{- end }}
 {{- end }}
 
