@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 pub mod batch;
 pub mod otlp;
 pub mod redis;
+pub mod replicas;
 mod shapes;
 pub use shapes::*;
 mod upstreams;
