@@ -190,29 +190,34 @@ async fn outage_and_recovery(fault: Fault) {
         Fault::Kill => server.restart().await,
         Fault::Freeze => server.resume(),
     }
-    for proxy in [&a, &b] {
+    used_again(&server, &a, &b, fault).await;
+    stop(a).await;
+    stop(b).await;
+}
+
+/// Once Redis answers again: both replicas up, a tier-2 hit across them, shared limits.
+async fn used_again(server: &RedisServer, a: &BinaryProxy, b: &BinaryProxy, fault: Fault) {
+    for proxy in [a, b] {
         wait_metric(proxy, "redis up again", |m| {
             gauge(m, "openrouter_redis_up") == Some(1.0)
         })
         .await;
     }
     let prompt = format!("{fault:?} after recovery");
-    let headers = answered(&a, "cached", &prompt).await;
+    let headers = answered(a, "cached", &prompt).await;
     assert_eq!(header(&headers, "x-cache"), Some("MISS"));
-    wait_stored(&server, &prompt).await;
-    let headers = answered(&b, "cached", &prompt).await;
+    wait_stored(server, &prompt).await;
+    let headers = answered(b, "cached", &prompt).await;
     assert_eq!(header(&headers, "x-cache"), Some("HIT"));
     assert_eq!(header(&headers, "x-cache-tier"), Some("redis"));
     // Shared again: once A has used up the route's allowance, B refuses too.
-    let on_a = admitted(&a, "limited-up", N + 2).await;
+    let on_a = admitted(a, "limited-up", N + 2).await;
     assert!(on_a == N || on_a == N + 1, "{on_a}");
     assert_eq!(
-        admitted(&b, "limited-up", 1).await,
+        admitted(b, "limited-up", 1).await,
         0,
         "B counts A's requests"
     );
-    stop(a).await;
-    stop(b).await;
 }
 
 #[tokio::test]
