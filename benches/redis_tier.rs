@@ -1,8 +1,8 @@
 //! Cache tiers end to end, one client sending one request at a time: a fast in-process mock
-//! upstream answered directly, and through the proxy as a miss (the upstream called), a memory
-//! hit, and a Redis hit (tier 2: an answer another replica stored, which this replica never
-//! saw); next to them a bare Redis GET of such an answer from the client, i.e. one Redis round
-//! trip. Two replicas A and B run in this process on a real `redis-server`, each on its own
+//! upstream answered directly, and through the proxy as a miss (the upstream called, on replica
+//! A), a Redis hit (tier 2: an answer A stored, asked of replica B, which never saw it) and then a
+//! memory hit of the same prompt on B (filled by that Redis hit); next to them a bare Redis GET
+//! of such an answer from the client, i.e. one Redis round trip. Two replicas A and B run in this process on a real `redis-server`, each on its own
 //! one-thread runtime as the binary's default; rounds alternate in one run, and the output is a
 //! markdown table.
 //!
@@ -255,8 +255,6 @@ async fn measure(server: &RedisServer, requests: usize, rounds: usize) -> Sample
         (connect(mock).await, connect(a).await, connect(b).await);
     // Both replicas reach Redis (their first calls may come before it answers).
     wait_for_tier(&mut to_a, a, &mut to_b, b, &mut redis, "warm-up").await;
-    let memory_body = body("the same question every time");
-    time_one(&mut to_a, a, memory_body.clone()).await;
 
     let mut samples = Samples::default();
     for round in 0..rounds {
@@ -270,11 +268,8 @@ async fn measure(server: &RedisServer, requests: usize, rounds: usize) -> Sample
             let (took, tier) = time_one(&mut to_a, a, prompt.clone()).await;
             assert_eq!(tier, "MISS");
             samples.miss.push(took);
-            let (took, tier) = time_one(&mut to_a, a, memory_body.clone()).await;
-            assert_eq!(tier, "memory");
-            samples.memory.push(took);
         }
-        wait_stored(&mut redis, (round + 1) * requests + 1).await;
+        wait_stored(&mut redis, (round + 1) * requests).await;
         let keys: Vec<String> = ::redis::cmd("KEYS")
             .arg("orp:cache:*")
             .query_async(&mut redis)
@@ -284,6 +279,10 @@ async fn measure(server: &RedisServer, requests: usize, rounds: usize) -> Sample
             let (took, tier) = time_one(&mut to_b, b, prompt.clone()).await;
             assert_eq!(tier, "redis", "B never saw this prompt");
             samples.redis.push(took);
+            // The same prompt again: now in B's memory, filled by the Redis hit.
+            let (took, tier) = time_one(&mut to_b, b, prompt.clone()).await;
+            assert_eq!(tier, "memory");
+            samples.memory.push(took);
             let sent = Instant::now();
             let value: Option<Vec<u8>> = ::redis::cmd("GET")
                 .arg(&keys[0])
