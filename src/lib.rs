@@ -82,6 +82,7 @@ pub async fn serve_live(
 fn init_metrics() {
     crate::record::metrics::handle();
     crate::record::metrics::describe();
+    crate::redis::describe_metrics();
     // Both series exist from the start, so dashboards and `increase()` see the first reload.
     ::metrics::counter!(crate::record::metrics::RELOADS, "result" => "ok").increment(0);
     ::metrics::counter!(crate::record::metrics::RELOADS, "result" => "error").increment(0);

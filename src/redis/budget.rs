@@ -103,13 +103,24 @@ impl BudgetExceeded {
             Period::Month => "monthly",
         };
         format!(
-            "Budget exceeded: {} \"{}\" has spent {:.4} USD of its {period} budget of {:.2} USD; it resets at {}.",
+            "Budget exceeded: {} \"{}\" has spent {:.4} USD of its {period} budget of {} USD; it resets at {}.",
             self.scope.label(),
             self.name,
             self.spent_usd,
-            self.budget_usd,
+            usd(self.budget_usd),
             self.resets_at_rfc3339()
         )
+    }
+}
+
+/// An amount in USD with cents, and with as many more digits as a budget below a cent needs
+/// (`0.0004`, not `0.00`).
+fn usd(amount: f64) -> String {
+    let cents = format!("{amount:.2}");
+    if cents.parse::<f64>().is_ok_and(|rounded| rounded == amount) {
+        cents
+    } else {
+        amount.to_string()
     }
 }
 
@@ -325,6 +336,14 @@ mod tests {
         let (stamp, end) = Period::Month.window(at("2025-01-01T00:00:00Z"));
         assert_eq!(stamp, "2025-01");
         assert_eq!(end, at("2025-02-01T00:00:00Z"));
+    }
+
+    #[test]
+    fn budgets_below_a_cent_keep_their_digits() {
+        assert_eq!(usd(1.0), "1.00");
+        assert_eq!(usd(50.5), "50.50");
+        assert_eq!(usd(0.0004), "0.0004");
+        assert_eq!(usd(12.345), "12.345");
     }
 
     #[tokio::test]

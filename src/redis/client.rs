@@ -136,6 +136,7 @@ impl Redis {
             })
             .collect::<Result<Vec<_>, String>>()?;
         let wake = Arc::new(Notify::new());
+        super::start_counters();
         let inner = Arc::new(Inner {
             settings,
             client,
@@ -147,6 +148,41 @@ impl Redis {
         publish_up(1);
         tokio::spawn(watch(Arc::downgrade(&inner), wake));
         Ok(Redis(inner))
+    }
+
+    /// The handle a config calls for, given the `running` one (on a reload): `None` without
+    /// `[redis]`; the running handle when its settings (the URL as read now included) did not
+    /// change; else a new one. `[redis]` applies on reload, never needing a restart, and each
+    /// change is logged as such; the old connections close once the requests using them end.
+    pub fn follow_config(
+        config: Option<&RedisConfig>,
+        running: Option<&Redis>,
+    ) -> Result<Option<Redis>, String> {
+        let Some(config) = config else {
+            if running.is_some() {
+                tracing::info!(
+                    "redis removed from the config (applied without restart); serving without it: per-replica limits and budgets, no cache tier 2"
+                );
+            }
+            return Ok(None);
+        };
+        let settings = RedisSettings::resolve(config)?;
+        let (key_prefix, op_timeout, pool_size) = (
+            settings.key_prefix.clone(),
+            humantime::format_duration(settings.op_timeout).to_string(),
+            settings.pool_size,
+        );
+        match running {
+            Some(running) if *running.settings() == settings => return Ok(Some(running.clone())),
+            Some(_) => tracing::info!(
+                key_prefix,
+                op_timeout,
+                pool_size,
+                "redis settings changed (applied without restart); connecting with the new ones, the old connections close once requests in flight end"
+            ),
+            None => tracing::info!(key_prefix, op_timeout, pool_size, "redis configured; connecting in the background"),
+        }
+        Redis::connect(settings).map(Some)
     }
 
     /// What this handle was built from.

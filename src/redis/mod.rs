@@ -40,8 +40,8 @@ pub mod op {
     ];
 }
 
-/// Adds HELP lines for this module's metrics. Call once at start-up when `[redis]` or a budget is
-/// configured; the error counters start at zero so that `increase()` sees the first error.
+/// Adds HELP lines for this module's metrics (the metrics init path calls it at start-up; a
+/// family with no series yet renders nothing, so a proxy without Redis shows none of them).
 pub fn describe_metrics() {
     metrics::describe_gauge!(
         REDIS_UP,
@@ -59,10 +59,18 @@ pub fn describe_metrics() {
         TIER2_DROPPED,
         "Answers not written to the Redis cache tier because its write queue was full."
     );
-    for op in op::ALL {
-        metrics::counter!(REDIS_ERRORS, "op" => op).increment(0);
-    }
-    metrics::counter!(TIER2_DROPPED).increment(0);
+}
+
+/// Starts the error counters at zero, so that `increase()` sees the first error: once, when the
+/// first Redis handle of the process is built.
+fn start_counters() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        for op in op::ALL {
+            metrics::counter!(REDIS_ERRORS, "op" => op).increment(0);
+        }
+        metrics::counter!(TIER2_DROPPED).increment(0);
+    });
 }
 
 /// 128 bits of SHA-256 over length-prefixed parts: the id in a key, so that no user text (a

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use crate::cache::{Store, Tiers};
 use crate::config::{CacheTier2, Config};
-use crate::redis::{Redis, RedisSettings, Tier2};
+use crate::redis::{Redis, Tier2};
 use router::{Plan, RequestFacts, Router};
 use upstreams::Upstreams;
 
@@ -95,14 +95,5 @@ impl Runtime {
 /// `url_file` is read again on every reload), else a new one. Connecting never waits: a Redis that
 /// is down now is found when it comes back.
 fn shared_redis(config: &Config, running: Option<&Redis>) -> Result<Option<Redis>, String> {
-    let Some(section) = &config.redis else {
-        return Ok(None);
-    };
-    let settings = RedisSettings::resolve(section).map_err(|e| format!("redis: {e}"))?;
-    match running {
-        Some(running) if *running.settings() == settings => Ok(Some(running.clone())),
-        _ => Redis::connect(settings)
-            .map(Some)
-            .map_err(|e| format!("redis: {e}")),
-    }
+    Redis::follow_config(config.redis.as_ref(), running).map_err(|e| format!("redis: {e}"))
 }

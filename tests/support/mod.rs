@@ -40,6 +40,7 @@ pub mod redis;
 mod requests;
 #[allow(unused_imports, reason = "only some test binaries use these helpers")]
 pub use requests::*;
+pub mod replicas;
 mod shapes;
 pub use shapes::*;
 mod upstreams;

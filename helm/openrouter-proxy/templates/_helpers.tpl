@@ -231,6 +231,7 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 {{- else }}
 {{- $_ = unset $cfg "batch" }}
 {{- end }}
+{{- include "openrouter-proxy.redisConfig" (dict "root" . "cfg" $cfg) }}
 {{- toJson $cfg }}
 {{- end }}
 
@@ -288,8 +289,11 @@ With sidecar.native it carries restartPolicy: Always and belongs in initContaine
     - name: admin
       containerPort: {{ .Values.ports.admin }}
       protocol: TCP
-  {{- if or (eq .Values.apiKeySource "env") .Values.env }}
+  {{- if or (eq .Values.apiKeySource "env") .Values.env (include "openrouter-proxy.redisEnabled" .) }}
   env:
+    {{- if include "openrouter-proxy.redisEnabled" . }}
+    {{- include "openrouter-proxy.redisEnv" . | nindent 4 }}
+    {{- end }}
     {{- if eq .Values.apiKeySource "env" }}
     - name: OPENROUTER_API_KEY
       valueFrom:
