@@ -48,6 +48,14 @@ METRIC_FAMILIES = {
     "openrouter_proxy_overhead_seconds",
     "openrouter_upstream_key_up",
     "openrouter_model_cooldown",
+    "openrouter_redis_up",
+    "openrouter_redis_errors_total",
+    "openrouter_cache_tier2_writes_dropped_total",
+    "openrouter_budget_spent_usd",
+    "openrouter_batch_lines_total",
+    "openrouter_batch_queue_depth",
+    "openrouter_batches",
+    "openrouter_otel_spans_dropped_total",
 }
 
 APP = {"image": {"repository": "registry.example.com/shop/api", "tag": "1.4.2"},
@@ -1001,7 +1009,7 @@ def test_dashboard_queries_use_only_known_metrics(dashboard):
     queries += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
     used = set()
     for query in queries:
-        for name in re.findall(r"\bopenrouter_[a-z_]+", query):
+        for name in re.findall(r"\bopenrouter_[a-z0-9_]+", query):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             assert base in METRIC_FAMILIES, f"{name} in {query}"
             used.add(base)
@@ -1025,8 +1033,12 @@ def test_dashboard_has_the_expected_panels(dashboard):
     titles = {title for title, _ in exprs}
     for wanted in ("Fallbacks", "Cache hit ratio", "Active requests", "Config reloads",
                    "Tokens/s by model", "Cost/hour by model", "Attempts by upstream and outcome",
-                   "Keys in rotation", "Models in cool-down"):
+                   "Keys in rotation", "Models in cool-down", "Redis up by replica",
+                   "Cache hits by tier", "Budget spent (USD)", "Batch lines by status"):
         assert wanted in titles
+    # Shared state: Redis per replica, hits per tier.
+    assert "min by (pod) (openrouter_redis_up" in text
+    assert 'sum by (tier) (rate(openrouter_cache_requests_total' in text
 
 
 def test_dashboard_panels_do_not_overlap(dashboard):
