@@ -61,6 +61,8 @@ usage: cargo bench --bench load -- [FLAGS]
   --nginx PATH          the nginx binary for the floor column (default: nginx on the PATH or in
                         /usr/sbin; without one the column is left out)
   --no-nginx            leave the nginx columns out
+  --baseline PATH       another build of the proxy (say, of the commit before a change) as a
+                        column of its own, measured in the same rounds
   --no-tls              leave out the columns through a TLS + HTTP/2 origin (an nginx with a
                         self-signed certificate in front of the mock, reached by nginx and by
                         the proxy; needs nginx and openssl)";
@@ -94,6 +96,8 @@ struct Options {
     nginx: Option<PathBuf>,
     /// The TLS + HTTP/2 origin columns (they need nginx and openssl).
     tls: bool,
+    /// Another build of the proxy, as a column of its own: before and after a change, one run.
+    baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -112,6 +116,7 @@ impl Options {
             worker_threads: 1,
             nginx: nginx::find(None),
             tls: true,
+            baseline: None,
         };
         let number = |value: Option<&String>, flag: &str| -> Result<usize, String> {
             value
@@ -158,6 +163,9 @@ impl Options {
                 }
                 "--no-nginx" => options.nginx = None,
                 "--no-tls" => options.tls = false,
+                "--baseline" => {
+                    options.baseline = Some(it.next().ok_or("--baseline needs a path")?.into());
+                }
                 "--help" | "-h" => return Err(USAGE.to_owned()),
                 other => return Err(format!("unknown flag {other:?}\n\n{USAGE}")),
             }
@@ -1219,6 +1227,10 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     let threads = options.worker_threads;
     let proxy = ProxyProcess::start(binary, &plain, 20_000, threads, WARN_LOG);
     let proxy_info = ProxyProcess::start(binary, &plain, 20_000, threads, INFO_LOG);
+    let baseline = options
+        .baseline
+        .as_ref()
+        .map(|other| ProxyProcess::start(other, &plain, 20_000, threads, WARN_LOG));
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-load");
     let nginx = options.nginx.as_ref().map(|binary| {
         let role = nginx::Role::Front {
@@ -1253,6 +1265,13 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
             name,
             target: Target::new(process.api, "/v1/chat/completions"),
             pid: Some(process.pid()),
+        });
+    }
+    if let Some(baseline) = &baseline {
+        sides.push(Side {
+            name: "baseline proxy (--baseline)",
+            target: Target::new(baseline.api, "/v1/chat/completions"),
+            pid: Some(baseline.pid()),
         });
     }
     if let Some(tls) = &tls {
@@ -1327,7 +1346,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     } else {
         None
     };
-    drop((proxy, proxy_info, nginx, tls));
+    drop((proxy, proxy_info, baseline, nginx, tls));
 
     let mut memory = Vec::new();
     for &asked in &options.streams {
