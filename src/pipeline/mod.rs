@@ -113,8 +113,15 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let mut ctx = RequestContext::new(&shared, &method, &path, request.headers());
+    let traced = shared.telemetry.is_enabled();
+    let head = traced.then(|| (request.version(), request.uri().clone()));
     let outcome = match Inbound::read(&ctx.runtime, request).await {
-        Ok(inbound) => answer(&shared, &mut ctx, inbound).await,
+        Ok(inbound) => {
+            if let Some((version, uri)) = &head {
+                ctx.start_span(&shared.telemetry, &inbound, *version, uri);
+            }
+            answer(&shared, &mut ctx, inbound).await
+        }
         Err(error) => Err(error),
     };
     Ok(ctx.respond(outcome))
@@ -137,7 +144,14 @@ pub struct InternalRequest {
 pub async fn execute(shared: &Shared, request: InternalRequest) -> Response<ProxyBody> {
     let mut ctx = RequestContext::new(shared, &request.method, &request.path, &request.headers);
     let outcome = match internal_inbound(&ctx.runtime, request) {
-        Ok(inbound) => answer(shared, &mut ctx, inbound).await,
+        Ok(inbound) => {
+            if shared.telemetry.is_enabled() {
+                let uri = inbound.path.parse().unwrap_or_default();
+                let version = http::Version::HTTP_11;
+                ctx.start_span(&shared.telemetry, &inbound, version, &uri);
+            }
+            answer(shared, &mut ctx, inbound).await
+        }
         Err(error) => Err(error),
     };
     ctx.respond(outcome)

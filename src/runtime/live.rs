@@ -219,6 +219,9 @@ pub(super) fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'sta
     keep!(cache.max_entry_bytes, "cache.max_entry_bytes");
     keep!(log.format, "log.format");
     keep!(log.level, "log.level");
+    // The exporter, its queue and its thread are built once with the process: tracing is
+    // turned on, off or pointed elsewhere by a restart.
+    keep!(otel, "otel");
     kept
 }
 
@@ -240,7 +243,7 @@ mod tests {
         let running = Config::default();
         let mut new = Config::parse(
             "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 5\nheader_read_timeout = \"1s\"\n\
-             [cache]\nmax_bytes = 10\n[log]\nlevel = \"debug\"\n[[routes]]\nname = \"r\"\n",
+             [cache]\nmax_bytes = 10\n[log]\nlevel = \"debug\"\n[otel]\n[[routes]]\nname = \"r\"\n",
         )
         .unwrap();
         let kept = keep_restart_only(&mut new, &running);
@@ -250,7 +253,8 @@ mod tests {
                 "server.listen",
                 "server.header_read_timeout",
                 "cache.max_bytes",
-                "log.level"
+                "log.level",
+                "otel"
             ]
         );
         assert_eq!(new.server.listen, running.server.listen);
@@ -260,6 +264,7 @@ mod tests {
         );
         assert_eq!(new.cache.max_bytes, running.cache.max_bytes);
         assert_eq!(new.log.level, running.log.level);
+        assert_eq!(new.otel, None);
         // Everything else is live.
         assert_eq!(new.server.max_body_bytes, 5);
         assert_eq!(new.routes.len(), 1);
