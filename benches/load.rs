@@ -54,7 +54,12 @@ usage: cargo bench --bench load -- [FLAGS]
   --source-ips N        spread memory-run connections over 127.0.0.2 .. 127.0.0.(N+1)
                         (default: one more address per 20000 streams)
   --proxy PATH          the proxy binary (default: target/release/openrouter-proxy, built if missing)
-  --worker-threads N    the proxy's server.worker_threads (default 1; 0: one per core)";
+  --worker-threads N    the proxy's server.worker_threads (default 1; 0: one per core)
+  --otel                the proxy traces every request ([otel] with sample_ratio = 1), exporting
+                        over OTLP/HTTP to the mock, which accepts every export";
+
+/// `--otel`: every proxy started traces every request to the mock.
+static TRACED: OnceLock<bool> = OnceLock::new();
 
 /// The request header that makes the mock answer with SSE: `<chunks> <interval_us> <hold 0|1>`.
 const SSE_HEADER: &str = "x-bench-sse";
@@ -133,6 +138,9 @@ impl Options {
                 }
                 "--streams" => options.streams = list(it.next(), arg)?,
                 "--worker-threads" => options.worker_threads = number(it.next(), arg)?,
+                "--otel" => {
+                    let _ = TRACED.set(true);
+                }
                 "--source-ips" => options.source_ips = Some(number(it.next(), arg)?.clamp(1, 250)),
                 "--proxy" => {
                     options.proxy = Some(it.next().ok_or("--proxy needs a path")?.into());
@@ -263,8 +271,16 @@ async fn mock_answer(
         .get(SSE_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(SseSpec::parse);
+    let export = request.uri().path() == "/v1/traces";
     // Read the whole request, as a real upstream does before answering.
     let _ = request.into_body().collect().await;
+    if export {
+        // An empty ExportTraceServiceResponse: every span accepted.
+        let accepted = Response::builder()
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .body(MockBody::Json(Some(Bytes::new())));
+        return Ok(accepted.unwrap());
+    }
     let response = match sse {
         None => Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
@@ -416,6 +432,11 @@ model = "openai/gpt-4o-mini"
 cache_ttl = "1h"
 "#
         );
+        let text = if TRACED.get() == Some(&true) {
+            format!("{text}\n[otel]\nendpoint = \"http://{upstream}\"\nsample_ratio = 1.0\n")
+        } else {
+            text
+        };
         std::fs::write(&config, text).unwrap();
         let mut child = Command::new(binary)
             .arg("--config")

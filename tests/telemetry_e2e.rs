@@ -341,3 +341,45 @@ async fn without_otel_no_trace_header_is_added_and_the_callers_goes_on_unchanged
         "{access:?}"
     );
 }
+
+#[tokio::test]
+async fn otel_is_restart_only_and_a_reload_says_so() {
+    let upstream = MockUpstream::start(|_| Reply::Json(200, chat_completion("m", "ok"))).await;
+    let (first, second) = (collector().await, collector().await);
+    let table = |collector: &MockUpstream| {
+        format!(
+            "endpoint = \"{}\"\nexport_interval = \"1h\"",
+            endpoint_of(collector)
+        )
+    };
+    let path = config(&upstream, &upstream, Some(&table(&first)));
+    let (proxy, trigger) = start_live_proxy(&path).await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let moved = text.replace(&endpoint_of(&first), &endpoint_of(&second));
+    std::fs::write(
+        &path,
+        moved.replace("cache_ttl = \"1h\"", "cache_ttl = \"2h\""),
+    )
+    .unwrap();
+    trigger.reload();
+    let url = proxy.admin_url("/config");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let config = loop {
+        let (_, _, body) = read_all(send("GET", &url, &[], "").await).await;
+        let config: Value = serde_json::from_slice(&body).unwrap();
+        if config["restart_pending"] != json!([]) || tokio::time::Instant::now() > deadline {
+            break config;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(config["restart_pending"], json!(["otel"]), "{config}");
+    // The running exporter stays: the next request's spans go where they went.
+    let body = r#"{"model":"plain","messages":[]}"#;
+    let headers = [("content-type", "application/json")];
+    let (status, _, _) =
+        read_all(send("POST", &proxy.url("/v1/chat/completions"), &headers, body).await).await;
+    assert_eq!(status, 200);
+    proxy.stop().await.unwrap();
+    assert_eq!(wait_spans(&first, 2).await.len(), 2);
+    assert!(second.requests().is_empty());
+}
