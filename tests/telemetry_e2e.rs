@@ -383,3 +383,38 @@ async fn otel_is_restart_only_and_a_reload_says_so() {
     assert_eq!(wait_spans(&first, 2).await.len(), 2);
     assert!(second.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_request_refused_while_being_read_is_traced_too() {
+    let upstream = MockUpstream::start(|_| Reply::Json(200, chat_completion("m", "ok"))).await;
+    let collector = collector().await;
+    let otel = format!(
+        "endpoint = \"{}\"\nexport_interval = \"1h\"",
+        endpoint_of(&collector)
+    );
+    let proxy =
+        BinaryProxy::spawn(&config(&upstream, &upstream, Some(&otel)), &["--no-watch"]).await;
+    let url = format!("http://{}/v1/embeddings", proxy.api);
+    let headers = [
+        ("content-type", "application/json"),
+        ("traceparent", TRACEPARENT),
+    ];
+    let (status, _, _) = read_all(send("POST", &url, &headers, "{not json").await).await;
+    assert_eq!(status, 400);
+    let access = stop(proxy).await;
+    let spans = wait_spans(&collector, 1).await;
+    assert_eq!(spans.len(), 1, "{spans:#?}");
+    let span = &spans[0];
+    assert_eq!((span.name.as_str(), span.kind), ("embeddings", SERVER));
+    assert_eq!(
+        (span.trace_id.as_str(), span.parent_span_id.as_str()),
+        (TRACE, CALLER_SPAN)
+    );
+    assert_eq!(span.int("http.response.status_code"), Some(400));
+    assert_eq!(span.str("error.type"), access[0]["error"].as_str());
+    assert!(span.attr("error.type").is_some());
+    // The client's own error leaves the server span's status unset.
+    assert_eq!(span.status_code, 0);
+    assert_eq!(access[0]["trace_id"], TRACE);
+    assert_eq!(upstream.request_count(), 0);
+}

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Response};
 
 use super::headers::X_REQUEST_ID;
-use super::inbound::{Inbound, InboundBody};
 use super::relay::ProxyBody;
 use super::Shared;
 use crate::error::ProxyError;
@@ -14,7 +13,6 @@ use crate::limits::Permit;
 use crate::record::RequestRecord;
 use crate::runtime::Runtime;
 use crate::shape::Shape;
-use crate::telemetry::{self, Telemetry};
 
 /// One request on its way through the pipeline.
 pub struct RequestContext {
@@ -46,39 +44,6 @@ impl RequestContext {
             record: Box::new(record),
             permits: Vec::new(),
             shape: Shape::of(method, path),
-        }
-    }
-
-    /// Starts the request's trace span once its body is read (a no-op without tracing): the
-    /// operation from the path, the model and stream flag from the body, the HTTP attributes
-    /// from `version` and `uri`; the prompt too with `capture_content`.
-    pub fn start_span(
-        &mut self,
-        telemetry: &Telemetry,
-        inbound: &Inbound,
-        version: Version,
-        uri: &Uri,
-    ) {
-        if !telemetry.is_enabled() {
-            return;
-        }
-        let stream = match &inbound.body {
-            InboundBody::Whole { json, .. } => json.as_ref().is_some_and(|j| j.stream),
-            InboundBody::Upload { .. } => false,
-        };
-        let record = &mut self.record;
-        record.span = telemetry.start_request(&telemetry::Inbound {
-            headers: &inbound.headers,
-            method: &inbound.method,
-            uri,
-            version,
-            received: record.started,
-            operation: telemetry::names::operation(inbound.rest()),
-            requested_model: inbound.model(),
-            stream,
-        });
-        if let InboundBody::Whole { bytes, .. } = &inbound.body {
-            record.span.record_input(bytes);
         }
     }
 

@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod intake;
 mod lookup;
 pub mod relay;
+mod trace;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +43,7 @@ use inbound::{Caller, Inbound, InboundBody};
 use intake::Upload;
 use lookup::{Lookup, Query};
 use relay::ProxyBody;
+use trace::TraceHead;
 
 /// State shared by every request: the live runtime (swapped whole on reload), model health
 /// (which outlives reloads) and the drain flag.
@@ -113,15 +115,16 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let mut ctx = RequestContext::new(&shared, &method, &path, request.headers());
-    let traced = shared.telemetry.is_enabled();
-    let head = traced.then(|| (request.version(), request.uri().clone()));
-    let outcome = match Inbound::read(&ctx.runtime, request).await {
-        Ok(inbound) => {
-            if let Some((version, uri)) = &head {
-                ctx.start_span(&shared.telemetry, &inbound, *version, uri);
-            }
-            answer(&shared, &mut ctx, inbound).await
-        }
+    let head = shared.telemetry.is_enabled().then(|| {
+        let (uri, version) = (request.uri(), request.version());
+        TraceHead::of(&method, uri, version, request.headers())
+    });
+    let read = Inbound::read(&ctx.runtime, request).await;
+    if let Some(head) = &head {
+        trace::start(&mut ctx, &shared.telemetry, head, read.as_ref().ok());
+    }
+    let outcome = match read {
+        Ok(inbound) => answer(&shared, &mut ctx, inbound).await,
         Err(error) => Err(error),
     };
     Ok(ctx.respond(outcome))
@@ -143,15 +146,21 @@ pub struct InternalRequest {
 /// the answer the HTTP path would send for it.
 pub async fn execute(shared: &Shared, request: InternalRequest) -> Response<ProxyBody> {
     let mut ctx = RequestContext::new(shared, &request.method, &request.path, &request.headers);
-    let outcome = match internal_inbound(&ctx.runtime, request) {
-        Ok(inbound) => {
-            if shared.telemetry.is_enabled() {
-                let uri = inbound.path.parse().unwrap_or_default();
-                let version = http::Version::HTTP_11;
-                ctx.start_span(&shared.telemetry, &inbound, version, &uri);
-            }
-            answer(shared, &mut ctx, inbound).await
-        }
+    let head = shared.telemetry.is_enabled().then(|| {
+        let uri = request.path.parse().unwrap_or_default();
+        TraceHead::of(
+            &request.method,
+            &uri,
+            http::Version::HTTP_11,
+            &request.headers,
+        )
+    });
+    let read = internal_inbound(&ctx.runtime, request);
+    if let Some(head) = &head {
+        trace::start(&mut ctx, &shared.telemetry, head, read.as_ref().ok());
+    }
+    let outcome = match read {
+        Ok(inbound) => answer(shared, &mut ctx, inbound).await,
         Err(error) => Err(error),
     };
     ctx.respond(outcome)

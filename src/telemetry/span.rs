@@ -285,7 +285,8 @@ impl RequestSpan {
     }
 
     /// Ends the span with the request's outcome. The span's status is an error for 5xx answers
-    /// and for failures named in `error_type`.
+    /// and for failures named in `error_type`, except the client's own (4xx), which keep only
+    /// `error.type`.
     pub fn finish(mut self, outcome: &Outcome<'_>) {
         let Some(live) = self.0.as_mut() else { return };
         if !live.span.span.is_recording() {
@@ -343,7 +344,11 @@ impl RequestSpan {
         };
         if let Some(error) = error {
             span.set(semconv::ERROR_TYPE, error.clone());
-            span.span.set_status(Status::error(error));
+            // The HTTP conventions leave a server span's status unset for the client's own
+            // errors (4xx): they are not the service's failures.
+            if !(400..500).contains(&outcome.status) {
+                span.span.set_status(Status::error(error));
+            }
         }
         span.end();
     }
