@@ -232,7 +232,6 @@ async fn dispatch(
             Ok(response) => response,
         };
         let status = response.status().as_u16();
-        span.status(status);
         if let Some(key) = pick.key {
             record.key = Some(key.name.clone());
             // A pool moves on to another key; a single key has nowhere to go and stays.
@@ -257,6 +256,8 @@ async fn dispatch(
         } else {
             endpoint.healthy(&upstream.name);
         }
+        // Once, for the answer the attempt ends with (a key swapped before is not its answer).
+        span.status(status);
         return Ok((response, load));
     }
 }
