@@ -65,7 +65,12 @@ usage: cargo bench --bench load -- [FLAGS]
                         column of its own, measured in the same rounds
   --no-tls              leave out the columns through a TLS + HTTP/2 origin (an nginx with a
                         self-signed certificate in front of the mock, reached by nginx and by
-                        the proxy; needs nginx and openssl)";
+                        the proxy; needs nginx and openssl)
+  --otel                the proxy traces every request ([otel] with sample_ratio = 1), exporting
+                        over OTLP/HTTP to the mock, which accepts every export";
+
+/// `--otel`: every proxy started traces every request to the mock.
+static TRACED: OnceLock<bool> = OnceLock::new();
 
 /// The request header that makes the mock answer with SSE: `<chunks> <interval_us> <hold 0|1>`.
 const SSE_HEADER: &str = "x-bench-sse";
@@ -153,6 +158,9 @@ impl Options {
                 }
                 "--streams" => options.streams = list(it.next(), arg)?,
                 "--worker-threads" => options.worker_threads = number(it.next(), arg)?,
+                "--otel" => {
+                    let _ = TRACED.set(true);
+                }
                 "--source-ips" => options.source_ips = Some(number(it.next(), arg)?.clamp(1, 250)),
                 "--proxy" => {
                     options.proxy = Some(it.next().ok_or("--proxy needs a path")?.into());
@@ -292,8 +300,16 @@ async fn mock_answer(
         .get(SSE_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(SseSpec::parse);
+    let export = request.uri().path() == "/v1/traces";
     // Read the whole request, as a real upstream does before answering.
     let _ = request.into_body().collect().await;
+    if export {
+        // An empty ExportTraceServiceResponse: every span accepted.
+        let accepted = Response::builder()
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .body(MockBody::Json(Some(Bytes::new())));
+        return Ok(accepted.unwrap());
+    }
     let response = match sse {
         None => Response::builder()
             .header(header::CONTENT_TYPE, "application/json")
@@ -399,6 +415,8 @@ struct UpstreamSpec {
     base_url: String,
     /// A certificate to trust (the TLS origin's self-signed one).
     ca_file: Option<PathBuf>,
+    /// Where spans go with `--otel`: the mock, which accepts every export.
+    collector: SocketAddr,
 }
 
 impl UpstreamSpec {
@@ -406,6 +424,7 @@ impl UpstreamSpec {
         UpstreamSpec {
             base_url: format!("http://{mock}/api/v1"),
             ca_file: None,
+            collector: mock,
         }
     }
 }
@@ -465,6 +484,14 @@ model = "openai/gpt-4o-mini"
 cache_ttl = "1h"
 "#
         );
+        let text = if TRACED.get() == Some(&true) {
+            format!(
+                "{text}\n[otel]\nendpoint = \"http://{}\"\nsample_ratio = 1.0\n",
+                upstream.collector
+            )
+        } else {
+            text
+        };
         std::fs::write(&config, text).unwrap();
         let mut command = Command::new(binary);
         if let Some(ca_file) = &upstream.ca_file {
@@ -1205,6 +1232,7 @@ impl TlsSides {
         let upstream = UpstreamSpec {
             base_url: format!("https://localhost:{}/api/v1", origin.addr.port()),
             ca_file: Some(cert),
+            collector: mock.addr,
         };
         let proxy = ProxyProcess::start(proxy, &upstream, 20_000, threads, WARN_LOG);
         Some(TlsSides {

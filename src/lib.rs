@@ -40,9 +40,10 @@ pub async fn serve(
     init_metrics();
     let runtime = runtime::Runtime::build(config, None)?;
     let shared = Arc::new(pipeline::Shared::new(runtime)?);
-    server::run(shared, Arc::default(), listeners, shutdown)
-        .await
-        .map_err(|e| format!("server failed: {e}"))
+    let telemetry = shared.telemetry.clone();
+    let served = server::run(shared, Arc::default(), listeners, shutdown).await;
+    flush_traces(&telemetry).await;
+    served.map_err(|e| format!("server failed: {e}"))
 }
 
 /// Loads the config file at `path` and serves it like [`serve_live`].
@@ -71,12 +72,25 @@ pub async fn serve_live(
     // Dropping `stop` (also when this future is dropped mid-way) ends the reloader.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let reloading = tokio::spawn(reloader.run(shared.runtime.clone(), stopped));
+    let telemetry = shared.telemetry.clone();
     let served = server::run(shared, log, listeners, shutdown).await;
+    flush_traces(&telemetry).await;
     let _ = stop.send(true);
     if let Err(error) = reloading.await {
         tracing::warn!(%error, "the config watcher ended abnormally");
     }
     served.map_err(|e| format!("server failed: {e}"))
+}
+
+/// Exports the spans of the drained requests before the process exits, bounded by the export
+/// timeout (spans the collector did not take by then are counted as dropped).
+async fn flush_traces(telemetry: &telemetry::Telemetry) {
+    let Some(deadline) = telemetry.export_timeout() else {
+        return;
+    };
+    if let Err(error) = telemetry.shutdown(deadline).await {
+        tracing::warn!(%error, "trace export did not finish at shutdown");
+    }
 }
 
 fn init_metrics() {

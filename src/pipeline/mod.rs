@@ -14,6 +14,7 @@ pub mod intake;
 pub mod line;
 mod lookup;
 pub mod relay;
+mod trace;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -43,6 +44,7 @@ use inbound::{Caller, Inbound, InboundBody};
 use intake::Upload;
 use lookup::{Lookup, Query};
 use relay::ProxyBody;
+use trace::TraceHead;
 
 /// State shared by every request: the live runtime (swapped whole on reload), model health
 /// (which outlives reloads) and the drain flag.
@@ -114,7 +116,15 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (method, path) = (request.method().clone(), request.uri().path().to_owned());
     let mut ctx = RequestContext::new(&shared, &method, &path, request.headers());
-    let outcome = match Inbound::read(&ctx.runtime, request).await {
+    let head = shared.telemetry.is_enabled().then(|| {
+        let (uri, version) = (request.uri(), request.version());
+        TraceHead::of(&method, uri, version, request.headers())
+    });
+    let read = Inbound::read(&ctx.runtime, request).await;
+    if let Some(head) = &head {
+        trace::start(&mut ctx, &shared.telemetry, head, read.as_ref().ok());
+    }
+    let outcome = match read {
         Ok(inbound) => answer(&shared, &mut ctx, inbound).await,
         Err(error) => Err(error),
     };
@@ -147,7 +157,20 @@ pub async fn execute_in_batch(
 ) -> Response<ProxyBody> {
     let mut ctx = RequestContext::new(shared, &request.method, &request.path, &request.headers);
     ctx.record.batch_id = batch_id;
-    let outcome = match internal_inbound(&ctx.runtime, request) {
+    let head = shared.telemetry.is_enabled().then(|| {
+        let uri = request.path.parse().unwrap_or_default();
+        TraceHead::of(
+            &request.method,
+            &uri,
+            http::Version::HTTP_11,
+            &request.headers,
+        )
+    });
+    let read = internal_inbound(&ctx.runtime, request);
+    if let Some(head) = &head {
+        trace::start(&mut ctx, &shared.telemetry, head, read.as_ref().ok());
+    }
+    let outcome = match read {
         Ok(inbound) => answer(shared, &mut ctx, inbound).await,
         Err(error) => Err(error),
     };

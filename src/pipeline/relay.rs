@@ -229,21 +229,30 @@ impl ProxyBody {
         if let Some(record) = &mut self.record {
             record.outcome = outcome;
             if let Source::Stream(relay) = &self.source {
-                if let Some(usage) = relay.scanner.as_ref().and_then(|s| s.usage) {
-                    record.usage = Some(usage);
+                if let Some(scanner) = &relay.scanner {
+                    if let Some(usage) = scanner.usage {
+                        record.usage = Some(usage);
+                    }
+                    if !scanner.text.is_empty() {
+                        record.span.record_output(&scanner.text, "");
+                    }
                 }
             }
         }
+        // What is held (the attempt's span among it) ends before the request's record and span.
+        self.holds.clear();
         // Dropping the record writes it now rather than whenever hyper drops the body.
         self.record = None;
         self.permits.clear();
-        self.holds.clear();
         self.source = Source::Done;
     }
 
     fn deliver(&mut self, bytes: Bytes) -> Polled {
         if let Some(record) = &mut self.record {
-            record.on_data(bytes.len());
+            record.on_data(&bytes);
+            if matches!(self.source, Source::Full(_)) {
+                record.span.record_output_json(&bytes);
+            }
         }
         Poll::Ready(Some(Ok(Frame::data(bytes))))
     }
@@ -349,6 +358,7 @@ impl Drop for ProxyBody {
                 record.usage = Some(usage);
             }
         }
+        self.holds.clear();
     }
 }
 

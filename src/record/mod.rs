@@ -1,6 +1,7 @@
 //! One record per request, filled in as the request goes and written once, when the answer
-//! ends, fails or is abandoned, by one sink (see `sink`): the request's metrics and its
-//! access-log line. Never a key, a header value or message content.
+//! ends, fails or is abandoned, by one sink (see `sink`): the request's metrics, its
+//! access-log line and its trace span. Never a key, a header value or message content (on the
+//! span only with `[otel] capture_content`).
 
 pub mod metrics;
 mod sink;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::sse::Usage;
+use crate::telemetry::RequestSpan;
 
 /// How a request ended, as far as the proxy can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub struct RequestRecord {
     pub served_model: Option<String>,
     /// The upstream that answered, and the name of the pool key it was sent with.
     pub upstream: Option<Arc<str>>,
+    /// `gen_ai.provider.name` of the upstream that answered.
+    pub provider: Option<Arc<str>>,
     pub key: Option<Arc<str>>,
     pub attempts: usize,
     /// The status of the answer the proxy sent.
@@ -50,6 +54,8 @@ pub struct RequestRecord {
     pub coalesced: bool,
     /// The batch a batch line belongs to (`None` for a client's request).
     pub batch_id: Option<String>,
+    /// The request's trace span (a no-op without `[otel]`), ended with the record.
+    pub span: RequestSpan,
 
     /// The config the request runs on; it decides which model names are label values.
     config: Arc<Config>,
@@ -134,6 +140,7 @@ impl RequestRecord {
             requested_model: None,
             served_model: None,
             upstream: None,
+            provider: None,
             key: None,
             attempts: 0,
             status: 0,
@@ -144,6 +151,7 @@ impl RequestRecord {
             cache_tier: None,
             coalesced: false,
             batch_id: None,
+            span: RequestSpan::default(),
             config,
             dispatched: None,
             first_byte: None,
@@ -199,10 +207,13 @@ impl RequestRecord {
         }
     }
 
-    pub(crate) fn on_data(&mut self, len: usize) {
-        if self.first_byte.is_none() && len > 0 {
+    /// `bytes` go to the client: the first of them is the first token.
+    pub(crate) fn on_data(&mut self, bytes: &[u8]) {
+        if self.first_byte.is_none() && !bytes.is_empty() {
             self.first_byte = Some(self.started.elapsed());
+            self.span.first_token();
         }
-        self.bytes += len as u64;
+        self.span.observe(bytes);
+        self.bytes += bytes.len() as u64;
     }
 }

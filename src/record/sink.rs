@@ -1,10 +1,11 @@
-//! The one sink of a finished request: its record becomes the request's metrics and its
-//! access-log line, exactly once, when the record is dropped.
+//! The one sink of a finished request: its record becomes the request's metrics, its
+//! access-log line and the end of its trace span, exactly once, when the record is dropped.
 
 use std::time::Duration;
 
 use super::metrics;
 use super::{AttemptEvent, CacheResult, Outcome, RequestRecord};
+use crate::telemetry;
 
 impl RequestRecord {
     /// The proxy's own share of the request's time: until the first upstream request went out,
@@ -36,6 +37,36 @@ impl RequestRecord {
                 }
             }
         }
+    }
+}
+
+impl RequestRecord {
+    /// Ends the trace span with what the record knows; `status` is the one logged.
+    fn end_span(&mut self, status: u16) {
+        let span = std::mem::take(&mut self.span);
+        if !span.is_recording() {
+            // Unsampled (or tracing off): nothing to attribute, the span just ends.
+            span.finish(&telemetry::Outcome::default());
+            return;
+        }
+        let error_type = match self.outcome {
+            Outcome::UpstreamFailed if self.stream_error.is_some() => Some("stream_broken"),
+            _ => self.error,
+        };
+        span.finish(&telemetry::Outcome {
+            status,
+            provider: self.provider.as_deref(),
+            upstream: self.upstream.as_deref(),
+            served_model: self.served_model.as_deref(),
+            input_tokens: self.usage.map(|u| u.prompt_tokens),
+            output_tokens: self.usage.map(|u| u.completion_tokens),
+            route: Some(&self.route),
+            cache: self.cache.map(CacheResult::header),
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+            cost_usd: self.usage.and_then(|u| u.cost),
+            error_type,
+            ..telemetry::Outcome::default()
+        });
     }
 }
 
@@ -77,6 +108,8 @@ impl Drop for RequestRecord {
             );
         }
         let overhead = self.overhead();
+        // No field without tracing.
+        let trace_id = self.span.trace_id();
         if let Some(overhead) = overhead {
             metrics::overhead(&self.route, overhead);
         }
@@ -109,7 +142,9 @@ impl Drop for RequestRecord {
             coalesced = self.coalesced,
             batch_id = self.batch_id.as_deref().unwrap_or(""),
             bytes = self.bytes,
+            trace_id = trace_id.as_deref(),
             "request"
         );
+        self.end_span(status);
     }
 }

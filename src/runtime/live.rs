@@ -221,6 +221,9 @@ pub(super) fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'sta
     keep!(log.level, "log.level");
     // The Batch API's store, workers and routes are set up once, at start-up.
     keep!(batch, "batch");
+    // The exporter, its queue and its thread are built once with the process: tracing is
+    // turned on, off or pointed elsewhere by a restart.
+    keep!(otel, "otel");
     kept
 }
 
@@ -242,7 +245,7 @@ mod tests {
         let running = Config::default();
         let mut new = Config::parse(
             "[server]\nlisten = \"127.0.0.1:1\"\nmax_body_bytes = 5\nheader_read_timeout = \"1s\"\n\
-             [cache]\nmax_bytes = 10\n[log]\nlevel = \"debug\"\n[batch]\n[[routes]]\nname = \"r\"\n",
+             [cache]\nmax_bytes = 10\n[log]\nlevel = \"debug\"\n[batch]\n[otel]\n[[routes]]\nname = \"r\"\n",
         )
         .unwrap();
         let kept = keep_restart_only(&mut new, &running);
@@ -253,7 +256,8 @@ mod tests {
                 "server.header_read_timeout",
                 "cache.max_bytes",
                 "log.level",
-                "batch"
+                "batch",
+                "otel"
             ]
         );
         assert_eq!(new.server.listen, running.server.listen);
@@ -264,6 +268,7 @@ mod tests {
         assert_eq!(new.cache.max_bytes, running.cache.max_bytes);
         assert_eq!(new.log.level, running.log.level);
         assert_eq!(new.batch, None);
+        assert_eq!(new.otel, None);
         // Everything else is live.
         assert_eq!(new.server.max_body_bytes, 5);
         assert_eq!(new.routes.len(), 1);

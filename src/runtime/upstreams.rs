@@ -20,6 +20,8 @@ const TITLE_HEADERS: [&str; 2] = ["x-title", "x-openrouter-title"];
 /// One upstream, compiled from its config section.
 pub struct Upstream {
     pub name: Arc<str>,
+    /// `gen_ai.provider.name` on trace spans (see [`provider_of`]).
+    pub provider: Arc<str>,
     pub auth: UpstreamAuth,
     /// Where requests go: `base_url`, or each of `endpoints`.
     pub endpoints: Vec<Arc<Endpoint>>,
@@ -59,8 +61,10 @@ impl Upstream {
             UpstreamAuth::Inject => Key::pool(name, config),
             UpstreamAuth::Passthrough | UpstreamAuth::None => Vec::new(),
         };
+        let host = urls_host(config);
         Ok(Upstream {
             name: Arc::from(name),
+            provider: Arc::from(provider_of(host.as_deref(), name)),
             auth: config.auth,
             endpoints,
             keys,
@@ -114,6 +118,29 @@ impl Upstream {
             UpstreamAuth::Passthrough => callers_key.is_some(),
             UpstreamAuth::None => true,
         }
+    }
+}
+
+/// The host of an upstream's first URL.
+fn urls_host(config: &UpstreamConfig) -> Option<String> {
+    let url = config.endpoints.first().unwrap_or(&config.base_url);
+    let uri = url.parse::<http::Uri>().ok()?;
+    uri.host().map(str::to_ascii_lowercase)
+}
+
+/// The GenAI provider an upstream's host belongs to: `openrouter`, `anthropic`, `openai`, or
+/// else the upstream's own name in the config.
+pub fn provider_of<'a>(host: Option<&str>, name: &'a str) -> &'a str {
+    let within =
+        |domain: &str| host.is_some_and(|h| h == domain || h.ends_with(&format!(".{domain}")));
+    if within("openrouter.ai") {
+        "openrouter"
+    } else if within("anthropic.com") {
+        "anthropic"
+    } else if within("openai.com") {
+        "openai"
+    } else {
+        name
     }
 }
 
@@ -193,4 +220,24 @@ fn headers(config: &UpstreamConfig) -> Vec<(HeaderName, HeaderValue)> {
         }
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::provider_of;
+
+    #[test]
+    fn providers_by_host() {
+        for (host, provider) in [
+            (Some("openrouter.ai"), "openrouter"),
+            (Some("eu.openrouter.ai"), "openrouter"),
+            (Some("api.anthropic.com"), "anthropic"),
+            (Some("api.openai.com"), "openai"),
+            (Some("notopenai.com"), "backup"),
+            (Some("127.0.0.1"), "backup"),
+            (None, "backup"),
+        ] {
+            assert_eq!(provider_of(host, "backup"), provider, "{host:?}");
+        }
+    }
 }

@@ -73,7 +73,7 @@ impl Body for ApiResponseBody {
         if let Some(record) = &mut this.record {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
-                    record.on_data(frame.data_ref().map_or(0, Bytes::len));
+                    record.on_data(frame.data_ref().map_or(&[][..], |data| data.as_ref()));
                     // hyper stops polling a body that says it has ended.
                     if this.inner.is_end_stream() {
                         record.outcome = Outcome::Complete;

@@ -48,6 +48,36 @@ pub fn output(text: &str, finish_reason: &str) -> String {
     .to_string()
 }
 
+/// The answer text of a complete JSON answer: a chat completion's first choice, a text
+/// completion's, Anthropic's text blocks, the Responses API's `output_text` parts.
+pub fn output_text(body: &[u8]) -> Option<String> {
+    let Ok(answer) = serde_json::from_slice::<Value>(body) else {
+        return None;
+    };
+    let choice = answer.get("choices").and_then(|c| c.get(0));
+    if let Some(choice) = choice {
+        let text = choice
+            .get("message")
+            .and_then(|m| m.get("content"))
+            .or_else(|| choice.get("text"));
+        return text.and_then(Value::as_str).map(str::to_owned);
+    }
+    let blocks = match (answer.get("content"), answer.get("output")) {
+        (Some(Value::Array(blocks)), _) => blocks.iter().collect::<Vec<_>>(),
+        (None, Some(Value::Array(items))) => items
+            .iter()
+            .filter_map(|item| item.get("content").and_then(Value::as_array))
+            .flatten()
+            .collect(),
+        _ => return None,
+    };
+    let texts: Vec<&str> = blocks
+        .iter()
+        .filter_map(|block| block.get("text").and_then(Value::as_str))
+        .collect();
+    (!texts.is_empty()).then(|| texts.concat())
+}
+
 /// A prompt (or embedding input): a string or a list of strings, each a user message.
 fn texts(value: &Value) -> Value {
     let one = |text: &Value| json!({"role": "user", "parts": parts(text)});
@@ -204,6 +234,24 @@ mod tests {
     fn not_json_gives_nothing() {
         assert_eq!(input(b"not json"), Input::default());
         assert_eq!(input(b"{\"model\": \"m\"}"), Input::default());
+    }
+
+    #[test]
+    fn answer_text_of_each_shape() {
+        let text = |v: Value| output_text(v.to_string().as_bytes());
+        let chat = json!({"choices": [{"message": {"role": "assistant", "content": "hi"}}]});
+        assert_eq!(text(chat).as_deref(), Some("hi"));
+        assert_eq!(
+            text(json!({"choices": [{"text": "t"}]})).as_deref(),
+            Some("t")
+        );
+        let messages =
+            json!({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]});
+        assert_eq!(text(messages).as_deref(), Some("ab"));
+        let responses = json!({"output": [{"content": [{"type": "output_text", "text": "r"}]}]});
+        assert_eq!(text(responses).as_deref(), Some("r"));
+        assert_eq!(text(json!({"data": []})), None);
+        assert_eq!(output_text(b"not json"), None);
     }
 
     #[test]

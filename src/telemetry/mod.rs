@@ -13,6 +13,8 @@
 //!    request's [`Outcome`].
 //! 5. At exit (or when a reload replaces the config), [`Telemetry::shutdown`].
 
+mod answer;
+mod attributes;
 mod content;
 mod export;
 pub mod names;
@@ -49,6 +51,7 @@ struct Tracing {
     propagator: TraceContextPropagator,
     gate: Arc<Gate>,
     capture_content: bool,
+    export_timeout: Duration,
 }
 
 impl Telemetry {
@@ -99,6 +102,7 @@ impl Telemetry {
             propagator: TraceContextPropagator::new(),
             gate,
             capture_content: config.capture_content,
+            export_timeout: config.export_timeout,
         }))))
     }
 
@@ -109,6 +113,12 @@ impl Telemetry {
 
     pub fn is_enabled(&self) -> bool {
         self.0.is_some()
+    }
+
+    /// `[otel] export_timeout` (`None` when disabled): how long a planned exit waits for the
+    /// last export.
+    pub fn export_timeout(&self) -> Option<Duration> {
+        self.0.as_ref().map(|t| t.export_timeout)
     }
 
     /// Spans of this instance the collector did not accept so far (the same events as

@@ -21,6 +21,7 @@ pub const ERROR_TYPE: &str = "error.type";
 pub const HTTP_REQUEST_METHOD: &str = "http.request.method";
 pub const HTTP_RESPONSE_STATUS_CODE: &str = "http.response.status_code";
 pub const URL_PATH: &str = "url.path";
+pub const URL_FULL: &str = "url.full";
 pub const URL_SCHEME: &str = "url.scheme";
 pub const NETWORK_PROTOCOL_VERSION: &str = "network.protocol.version";
 pub const SERVER_ADDRESS: &str = "server.address";
@@ -45,3 +46,39 @@ pub const COST: &str = "openrouter.cost_usd";
 
 /// The event on the request span when the first content byte goes to the client.
 pub const FIRST_TOKEN: &str = "first_token";
+
+/// `gen_ai.operation.name` of a request to `rest` (its path below `/v1`): `chat` for the chat
+/// APIs (Chat Completions, Anthropic Messages, Responses), `text_completion`, `embeddings`, else
+/// the path's last segment (`models`, `transcriptions`).
+pub fn operation(rest: &str) -> &str {
+    match rest {
+        "/chat/completions" | "/messages" | "/responses" => "chat",
+        "/completions" => "text_completion",
+        "/embeddings" => "embeddings",
+        _ => rest
+            .trim_end_matches('/')
+            .rsplit('/')
+            .find(|segment| !segment.is_empty())
+            .unwrap_or("http"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn operations_by_path() {
+        for (path, operation) in [
+            ("/chat/completions", "chat"),
+            ("/messages", "chat"),
+            ("/responses", "chat"),
+            ("/completions", "text_completion"),
+            ("/embeddings", "embeddings"),
+            ("/models", "models"),
+            ("/audio/transcriptions/", "transcriptions"),
+            ("/", "http"),
+            ("", "http"),
+        ] {
+            assert_eq!(super::operation(path), operation, "{path}");
+        }
+    }
+}

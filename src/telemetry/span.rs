@@ -12,8 +12,9 @@ use opentelemetry::{Array, Context, KeyValue, StringValue, Value};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::trace::Span as SdkSpan;
 
+use super::attributes::{attempt_attributes, request_attributes};
 use super::names::{self as semconv, *};
-use super::{content, Tracing};
+use super::{answer, content, Tracing};
 
 /// The request as it arrived, for [`super::Telemetry::start_request`].
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +83,8 @@ struct LiveRequest {
     received: Instant,
     attempts: u32,
     first_token: bool,
+    /// What the answer said of itself so far (sampled requests only).
+    answer: answer::Facts,
 }
 
 /// The span of one upstream attempt.
@@ -171,72 +174,8 @@ impl super::Telemetry {
             received: inbound.received,
             attempts: 0,
             first_token: false,
+            answer: answer::Facts::default(),
         })))
-    }
-}
-
-fn request_attributes(inbound: &Inbound<'_>) -> Vec<KeyValue> {
-    let mut attributes = vec![
-        KeyValue::new(semconv::GEN_AI_OPERATION_NAME, inbound.operation.to_owned()),
-        KeyValue::new(semconv::GEN_AI_REQUEST_STREAM, inbound.stream),
-        KeyValue::new(semconv::HTTP_REQUEST_METHOD, method_name(inbound.method)),
-        KeyValue::new(semconv::URL_PATH, inbound.uri.path().to_owned()),
-        KeyValue::new(
-            semconv::URL_SCHEME,
-            inbound.uri.scheme_str().unwrap_or("http").to_owned(),
-        ),
-        KeyValue::new(
-            semconv::NETWORK_PROTOCOL_VERSION,
-            protocol_version(inbound.version),
-        ),
-    ];
-    if let Some(model) = inbound.requested_model {
-        attributes.push(KeyValue::new(
-            semconv::GEN_AI_REQUEST_MODEL,
-            model.to_owned(),
-        ));
-    }
-    let host = inbound
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .or_else(|| inbound.uri.authority().cloned());
-    if let Some(host) = host {
-        attributes.push(KeyValue::new(
-            semconv::SERVER_ADDRESS,
-            host.host().to_owned(),
-        ));
-        if let Some(port) = host.port_u16() {
-            attributes.push(KeyValue::new(semconv::SERVER_PORT, i64::from(port)));
-        }
-    }
-    attributes
-}
-
-/// The HTTP conventions name known methods and fold every other into `_OTHER`.
-fn method_name(method: &Method) -> &'static str {
-    match method.as_str() {
-        "GET" => "GET",
-        "POST" => "POST",
-        "PUT" => "PUT",
-        "DELETE" => "DELETE",
-        "PATCH" => "PATCH",
-        "HEAD" => "HEAD",
-        "OPTIONS" => "OPTIONS",
-        "CONNECT" => "CONNECT",
-        "TRACE" => "TRACE",
-        _ => "_OTHER",
-    }
-}
-
-fn protocol_version(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
     }
 }
 
@@ -277,8 +216,36 @@ impl RequestSpan {
             return;
         }
         if let Some(live) = self.0.as_mut() {
-            let output = content::output(text, finish_reason);
+            let reason = match (finish_reason, live.answer.finish_reasons.first()) {
+                ("", Some(found)) => found.as_str(),
+                (given, _) => given,
+            };
+            let output = content::output(text, reason);
             live.span.set(semconv::GEN_AI_OUTPUT_MESSAGES, output);
+        }
+    }
+
+    /// Whether this request is traced and sampled: its attributes are wanted.
+    pub fn is_recording(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|live| live.span.span.is_recording())
+    }
+
+    /// Looks at the next bytes going to the client for the answer's id, model and finish
+    /// reasons (see `answer`); nothing unless the span records.
+    pub fn observe(&mut self, bytes: &[u8]) {
+        if let Some(live) = self.0.as_mut().filter(|l| l.span.span.is_recording()) {
+            live.answer.scan(bytes);
+        }
+    }
+
+    /// Records the text of a complete JSON answer (`bytes`) when `capture_content` is on.
+    pub fn record_output_json(&mut self, bytes: &[u8]) {
+        if self.captures_content() {
+            if let Some(text) = content::output_text(bytes) {
+                self.record_output(&text, "");
+            }
         }
     }
 
@@ -318,26 +285,39 @@ impl RequestSpan {
     }
 
     /// Ends the span with the request's outcome. The span's status is an error for 5xx answers
-    /// and for failures named in `error_type`.
+    /// and for failures named in `error_type`, except the client's own (4xx), which keep only
+    /// `error.type`.
     pub fn finish(mut self, outcome: &Outcome<'_>) {
         let Some(live) = self.0.as_mut() else { return };
+        if !live.span.span.is_recording() {
+            live.span.end();
+            return;
+        }
+        let answer = std::mem::take(&mut live.answer);
         let span = &mut live.span;
         span.set(
             semconv::HTTP_RESPONSE_STATUS_CODE,
             i64::from(outcome.status),
         );
         span.set_some(semconv::GEN_AI_PROVIDER_NAME, owned(outcome.provider));
-        span.set_some(
-            semconv::GEN_AI_RESPONSE_MODEL,
-            owned(outcome.response_model),
-        );
-        span.set_some(semconv::GEN_AI_RESPONSE_ID, owned(outcome.response_id));
-        if !outcome.finish_reasons.is_empty() {
-            let reasons: Vec<StringValue> = outcome
+        let response_model = owned(outcome.response_model).or(answer.model);
+        span.set_some(semconv::GEN_AI_RESPONSE_MODEL, response_model);
+        let response_id = owned(outcome.response_id).or(answer.id);
+        span.set_some(semconv::GEN_AI_RESPONSE_ID, response_id);
+        let reasons: Vec<StringValue> = if outcome.finish_reasons.is_empty() {
+            answer
+                .finish_reasons
+                .into_iter()
+                .map(StringValue::from)
+                .collect()
+        } else {
+            outcome
                 .finish_reasons
                 .iter()
                 .map(|r| StringValue::from((*r).to_owned()))
-                .collect();
+                .collect()
+        };
+        if !reasons.is_empty() {
             span.set(
                 semconv::GEN_AI_RESPONSE_FINISH_REASONS,
                 Value::Array(Array::String(reasons)),
@@ -364,32 +344,14 @@ impl RequestSpan {
         };
         if let Some(error) = error {
             span.set(semconv::ERROR_TYPE, error.clone());
-            span.span.set_status(Status::error(error));
+            // The HTTP conventions leave a server span's status unset for the client's own
+            // errors (4xx): they are not the service's failures.
+            if !(400..500).contains(&outcome.status) {
+                span.span.set_status(Status::error(error));
+            }
         }
         span.end();
     }
-}
-
-fn attempt_attributes(operation: &str, number: u32, facts: &AttemptFacts<'_>) -> Vec<KeyValue> {
-    let mut attributes = vec![
-        KeyValue::new(semconv::GEN_AI_OPERATION_NAME, operation.to_owned()),
-        KeyValue::new(semconv::GEN_AI_PROVIDER_NAME, facts.provider.to_owned()),
-        KeyValue::new(semconv::GEN_AI_REQUEST_MODEL, facts.model.to_owned()),
-        KeyValue::new(UPSTREAM, facts.upstream.to_owned()),
-        KeyValue::new(ATTEMPT, i64::from(number)),
-    ];
-    if let Some(host) = facts.uri.host() {
-        attributes.push(KeyValue::new(semconv::SERVER_ADDRESS, host.to_owned()));
-        let port = facts.uri.port_u16().or(match facts.uri.scheme_str() {
-            Some("https") => Some(443),
-            Some("http") => Some(80),
-            _ => None,
-        });
-        if let Some(port) = port {
-            attributes.push(KeyValue::new(semconv::SERVER_PORT, i64::from(port)));
-        }
-    }
-    attributes
 }
 
 fn owned(value: Option<&str>) -> Option<String> {
@@ -412,6 +374,11 @@ impl AttemptSpan {
                 .propagator
                 .inject_context(&context, &mut HeaderInjector(headers));
         }
+    }
+
+    /// Whether this is a span at all (tracing is on), sampled or not.
+    pub fn is_active(&self) -> bool {
+        self.0.is_some()
     }
 
     /// The `traceparent` [`AttemptSpan::inject`] writes.

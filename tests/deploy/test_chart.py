@@ -143,6 +143,15 @@ VALUE_SETS: dict[str, dict] = {
     },
 }
 
+# Traces to a collector, with the export knobs of config.otel and the pod named on every span.
+VALUE_SETS["traced"] = {
+    "apiKey": "sk-or-test",
+    "otel": {"enabled": True, "endpoint": "http://otel-collector.observability:4318",
+             "sampleRatio": 0.25, "serviceName": "gateway",
+             "resourceAttributes": {"deployment.environment.name": "production"}},
+    "config": {"otel": {"export_timeout": "2s", "max_queue_size": 4096}},
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -1051,3 +1060,80 @@ def test_dashboard_panels_do_not_overlap(dashboard):
                 assert (x, y) not in cells, panel["title"]
                 cells.add((x, y))
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+# ---------------------------------------------------------------------------------------------
+# traces
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_traces_are_off_by_default(chart):
+    docs = render(chart, VALUE_SETS["api-key"])
+    assert "otel" not in proxy_toml(docs)
+    assert not [n for n in env_of(proxy_container(pod_spec(docs))) if n.startswith("OTEL_")]
+
+
+def test_otel_values_become_the_otel_table(chart):
+    config = proxy_toml(render(chart, VALUE_SETS["traced"]))
+    assert config["otel"] == {
+        "endpoint": "http://otel-collector.observability:4318",
+        "sample_ratio": 0.25,
+        "service_name": "gateway",
+        "capture_content": False,
+        "export_timeout": "2s",
+        "max_queue_size": 4096,
+    }
+    values = {"apiKey": "k", "otel": {"enabled": True}}
+    otel = proxy_toml(render(chart, values))["otel"]
+    assert otel["endpoint"] == "http://otel-collector.observability:4318"
+    assert otel["sample_ratio"] == 1 and otel["service_name"] == "openrouter-proxy"
+
+
+def test_own_otel_table_is_kept_when_the_values_are_off(chart):
+    values = {"apiKey": "k", "config": {"otel": {"endpoint": "http://c:4318", "sample_ratio": 0.5}}}
+    docs = render(chart, values)
+    assert proxy_toml(docs)["otel"] == {"endpoint": "http://c:4318", "sample_ratio": 0.5}
+    assert "OTEL_RESOURCE_ATTRIBUTES" not in env_of(proxy_container(pod_spec(docs)))
+
+
+@pytest.mark.parametrize("shape", ["standalone", "sidecar"])
+def test_spans_name_the_pod(chart, shape):
+    values = dict(VALUE_SETS["traced"])
+    if shape == "sidecar":
+        values["app"] = APP
+    env_list = proxy_container(pod_spec(render(chart, values)))["env"]
+    names = [e["name"] for e in env_list]
+    env = {e["name"]: e for e in env_list}
+    assert env["OTEL_K8S_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["OTEL_K8S_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Kubernetes expands $(NAME) only from variables defined earlier in the list.
+    assert names.index("OTEL_RESOURCE_ATTRIBUTES") > names.index("OTEL_K8S_NAMESPACE")
+    assert env["OTEL_RESOURCE_ATTRIBUTES"]["value"] == (
+        "k8s.pod.name=$(OTEL_K8S_POD_NAME),k8s.namespace.name=$(OTEL_K8S_NAMESPACE),"
+        "deployment.environment.name=production"
+    )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"otel": {"enabled": "yes"}},
+        {"otel": {"endpoint": "otel-collector:4318"}},
+        {"otel": {"endpoint": "http://user:secret@collector:4318"}},
+        {"otel": {"sampleRatio": 1.5}},
+        {"otel": {"sampleRatio": -0.1}},
+        {"otel": {"serviceName": ""}},
+        {"otel": {"endpont": "http://c:4318"}},
+        {"otel": {"resourceAttributes": {"team": "a,b"}}},
+        {"otel": {"resourceAttributes": {"a=b": "c"}}},
+        {"config": {"otel": {"max_queue_size": 0}}},
+        {"config": {"otel": {"export_timeout": "soon"}}},
+        {"config": {"otel": {"sample_rate": 0.5}}},
+    ],
+)
+def test_schema_rejects_bad_otel_values(chart, values):
+    with pytest.raises(helm_python.HelmValuesError):
+        render_raw(chart, values)

@@ -232,6 +232,14 @@ strings are JSON-quoted, which is also a valid TOML basic string.
 {{- $_ = unset $cfg "batch" }}
 {{- end }}
 {{- include "openrouter-proxy.redisConfig" (dict "root" . "cfg" $cfg) }}
+{{- with .Values.otel }}{{ if .enabled }}
+{{- $otel := $cfg.otel | default dict }}
+{{- $_ = set $otel "endpoint" .endpoint }}
+{{- $_ = set $otel "sample_ratio" .sampleRatio }}
+{{- $_ = set $otel "service_name" .serviceName }}
+{{- $_ = set $otel "capture_content" .captureContent }}
+{{- $_ = set $cfg "otel" $otel }}
+{{- end }}{{ end }}
 {{- toJson $cfg }}
 {{- end }}
 
@@ -289,7 +297,8 @@ With sidecar.native it carries restartPolicy: Always and belongs in initContaine
     - name: admin
       containerPort: {{ .Values.ports.admin }}
       protocol: TCP
-  {{- if or (eq .Values.apiKeySource "env") .Values.env (include "openrouter-proxy.redisEnabled" .) }}
+  {{- $traced := and .Values.otel.enabled (not .Values.rawConfig) }}
+  {{- if or (eq .Values.apiKeySource "env") .Values.env (include "openrouter-proxy.redisEnabled" .) $traced }}
   env:
     {{- if include "openrouter-proxy.redisEnabled" . }}
     {{- include "openrouter-proxy.redisEnv" . | nindent 4 }}
@@ -301,6 +310,9 @@ With sidecar.native it carries restartPolicy: Always and belongs in initContaine
           name: {{ include "openrouter-proxy.secretName" . }}
           key: {{ include "openrouter-proxy.secretKey" . }}
           optional: {{ include "openrouter-proxy.secretOptional" . }}
+    {{- end }}
+    {{- if $traced }}
+    {{- include "openrouter-proxy.otelEnv" . | nindent 4 }}
     {{- end }}
     {{- with .Values.env }}
     {{- toYaml . | nindent 4 }}
@@ -433,4 +445,22 @@ OPENAI_API_KEY even though the proxy replaces it with the real key.
 {{- define "openrouter-proxy.workloadSelectorLabels" -}}
 {{ include "openrouter-proxy.selectorLabels" . }}
 app.kubernetes.io/component: {{ if include "openrouter-proxy.isSidecar" . }}app{{ else }}proxy{{ end }}
+{{- end }}
+
+{{/* The pod's identity on every span: OTEL_RESOURCE_ATTRIBUTES from the downward API. */}}
+{{- define "openrouter-proxy.otelEnv" -}}
+{{- $attributes := list "k8s.pod.name=$(OTEL_K8S_POD_NAME)" "k8s.namespace.name=$(OTEL_K8S_NAMESPACE)" }}
+{{- range $k := keys .Values.otel.resourceAttributes | sortAlpha }}
+{{- $attributes = append $attributes (printf "%s=%s" $k (index $.Values.otel.resourceAttributes $k | toString)) }}
+{{- end -}}
+- name: OTEL_K8S_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: OTEL_K8S_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attributes | quote }}
 {{- end }}

@@ -32,6 +32,8 @@ pub(super) struct Answer {
     pub(super) timeout: Duration,
     /// How long the answer may stay silent once it flows.
     pub(super) idle: Duration,
+    /// The answer's text is wanted on the trace span (`capture_content`).
+    pub(super) capture: bool,
 }
 
 /// The body the client gets for an answer whose status is no failure in itself, or the failure
@@ -76,7 +78,7 @@ async fn stream(out: &Outbound<'_>, answer: &Answer, body: Incoming) -> Result<P
     let resumable = out.route.on_midstream == Midstream::Resume
         && out.json.is_some()
         && out.shape == Shape::Chat;
-    let mut scanner = Scanner::for_shape(out.shape, resumable);
+    let mut scanner = Scanner::for_shape(out.shape, resumable || answer.capture);
     let (held, body) = if out.inspect {
         hold_until_content(body, &mut scanner, answer.started + timeout, timeout).await?
     } else {

@@ -161,11 +161,8 @@ pub(crate) async fn run_chain(
     };
     while chain.index < out.attempts.len() && chain.tried < max_attempts {
         let label = label_of(chain.index);
-        let upstream = &out
-            .runtime
-            .upstreams
-            .at(out.attempts[chain.index].upstream)
-            .name;
+        let serving = out.runtime.upstreams.at(out.attempts[chain.index].upstream);
+        let upstream = &serving.name;
         let target = Target {
             upstream,
             model: label,
@@ -190,6 +187,7 @@ pub(crate) async fn run_chain(
                 shared.health.record_success(target);
                 record.served_model = model.map(str::to_owned);
                 record.upstream = Some(upstream.clone());
+                record.provider = Some(serving.provider.clone());
                 let headers = response.headers_mut();
                 if let Some(model) = model {
                     set_text(headers, &X_PROXY_MODEL, model);

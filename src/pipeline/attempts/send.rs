@@ -15,6 +15,7 @@ use crate::pipeline::relay::ProxyBody;
 use crate::record::RequestRecord;
 use crate::runtime::pool::{self, EndpointLoad};
 use crate::runtime::upstreams::{Tried, Upstream};
+use crate::telemetry::{AttemptFacts, AttemptSpan};
 use crate::upstream::{OutBody, UpstreamClient};
 
 /// Why an attempt did not produce an answer for the client.
@@ -107,12 +108,32 @@ impl Failure {
     }
 }
 
-/// One upstream attempt. `Ok` is an answer the client gets (success, or an error that is the
-/// client's own); `Err` is a failure another attempt may make up for.
+/// One upstream attempt, with its trace span (a child of the request's, ended when the answer
+/// ends, or failed with the reason). `Ok` is an answer the client gets (success, or an error
+/// that is the client's own); `Err` is a failure another attempt may make up for.
 pub(crate) async fn attempt(
     out: &Outbound<'_>,
     position: usize,
     record: &mut RequestRecord,
+) -> Result<Response<ProxyBody>, Failure> {
+    let mut span = None;
+    let answer = answer(out, position, record, &mut span).await;
+    let span = span.unwrap_or_default();
+    match answer {
+        Ok(response) if span.is_active() => Ok(response.map(|body| body.holding(span))),
+        Ok(response) => Ok(response),
+        Err(failure) => {
+            span.fail(failure.reason.label());
+            Err(failure)
+        }
+    }
+}
+
+async fn answer(
+    out: &Outbound<'_>,
+    position: usize,
+    record: &mut RequestRecord,
+    span: &mut Option<AttemptSpan>,
 ) -> Result<Response<ProxyBody>, Failure> {
     let planned = out.attempts[position];
     let upstream = out.runtime.upstreams.at(planned.upstream);
@@ -121,7 +142,12 @@ pub(crate) async fn attempt(
         .first_byte_timeout
         .unwrap_or(upstream.first_byte_timeout);
     let started = Instant::now();
-    let (response, in_flight) = dispatch(out, upstream, planned.model, timeout, record).await?;
+    let sending = Sending {
+        upstream,
+        model: planned.model,
+        timeout,
+    };
+    let (response, in_flight) = dispatch(out, sending, record, span).await?;
     let status = response.status();
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -142,6 +168,7 @@ pub(crate) async fn attempt(
         serving: position,
         timeout,
         idle: upstream.stream_idle_timeout,
+        capture: record.span.captures_content(),
     };
     let body = inspect::body(out, answer, &mut parts.headers, body, record).await?;
     Ok(Response::from_parts(parts, body.holding(in_flight)))
@@ -152,11 +179,15 @@ pub(crate) async fn attempt(
 /// taken out and the request sent again with another key). Neither counts as a fallback.
 async fn dispatch(
     out: &Outbound<'_>,
-    upstream: &Upstream,
-    model: Option<&str>,
-    timeout: Duration,
+    sending: Sending<'_>,
     record: &mut RequestRecord,
+    span: &mut Option<AttemptSpan>,
 ) -> Result<(Response<Incoming>, EndpointLoad), Failure> {
+    let Sending {
+        upstream,
+        model,
+        timeout,
+    } = sending;
     let cooldown = out.runtime.config.fallback.cooldown;
     let mut tried = Tried::default();
     loop {
@@ -173,7 +204,18 @@ async fn dispatch(
             .body_for(model)
             .ok_or_else(|| Failure::new(Reason::Transport, "the upload was already sent".into()))?;
         let endpoint = upstream.endpoints[pick.endpoint].clone();
-        let request = out.request(upstream, &endpoint, pick.credentials.as_ref(), body)?;
+        let mut request = out.request(upstream, &endpoint, pick.credentials.as_ref(), body)?;
+        // One span for the attempt, however many endpoints and keys it takes; the upstream sees
+        // it as the parent (without tracing the client's `traceparent` goes on unchanged).
+        let span = span.get_or_insert_with(|| {
+            record.span.attempt(&AttemptFacts {
+                upstream: &upstream.name,
+                provider: &upstream.provider,
+                model: model.or(record.requested_model.as_deref()).unwrap_or(""),
+                uri: request.uri(),
+            })
+        });
+        span.inject(request.headers_mut());
         record.mark_dispatched();
         let load = EndpointLoad::begin(endpoint.clone());
         let response = match send(&upstream.client, request, timeout).await {
@@ -214,8 +256,18 @@ async fn dispatch(
         } else {
             endpoint.healthy(&upstream.name);
         }
+        // Once, for the answer the attempt ends with (a key swapped before is not its answer).
+        span.status(status);
         return Ok((response, load));
     }
+}
+
+/// Where one attempt goes.
+struct Sending<'a> {
+    upstream: &'a Upstream,
+    /// The model the plan sends (`None`: the client's, unchanged).
+    model: Option<&'a str>,
+    timeout: Duration,
 }
 
 /// Why a key is taken out of rotation after an answer with `status`.
