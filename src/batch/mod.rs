@@ -33,7 +33,7 @@ pub use body::ApiBody;
 pub use executor::{LineExecutor, LineFuture, LineOutcome, LineRequest, LineResponse};
 pub use input::ENDPOINTS;
 pub use model::{Clock, SystemClock};
-pub use store::{BatchStore, SqliteStore, StoreError};
+pub use store::{BatchStore, RedisStore, SqliteStore, StoreError};
 
 /// Whether `path` belongs to the Batch API (`/v1/files...`, `/v1/batches...`). With `[batch]`
 /// configured the proxy answers these itself; without, they are forwarded upstream.

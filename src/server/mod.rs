@@ -14,7 +14,7 @@ pub mod admin;
 mod api;
 mod connection;
 
-use crate::batch::BatchService;
+use crate::batch::{BatchService, RedisStore};
 use crate::config::ServerConfig;
 use crate::pipeline::line::{CallerKeys, PipelineLines};
 use crate::pipeline::Shared;
@@ -147,13 +147,32 @@ fn start_batch(
         return Ok(None);
     };
     let lines = Arc::new(PipelineLines::new(shared.clone(), keys.clone()));
-    let service = BatchService::open(config, lines, live.clone()).map_err(|error| {
-        std::io::Error::other(format!(
-            "cannot open the batch store in {}: {error}",
-            config.store.display()
-        ))
-    })?;
-    tracing::info!(store = %config.store.display(), concurrency = config.concurrency, "batch API enabled");
+    let service = match &runtime.redis {
+        // Shared by every replica: batches, files and lines in Redis (which may be down now:
+        // the API answers 503 and the workers wait until it is back).
+        Some(redis) => {
+            let store = RedisStore::new(redis.clone(), config.claim_after);
+            tracing::info!(
+                store = "redis",
+                key_prefix = %redis.settings().key_prefix,
+                consumer = store.consumer(),
+                concurrency = config.concurrency,
+                "batch API enabled; batches are shared with every replica on the same redis"
+            );
+            let clock = Arc::new(crate::batch::SystemClock);
+            BatchService::start(config.clone(), Arc::new(store), lines, live.clone(), clock)
+        }
+        None => {
+            let service = BatchService::open(config, lines, live.clone()).map_err(|error| {
+                std::io::Error::other(format!(
+                    "cannot open the batch store in {}: {error}",
+                    config.store.display()
+                ))
+            })?;
+            tracing::info!(store = "sqlite", path = %config.store.display(), concurrency = config.concurrency, "batch API enabled");
+            service
+        }
+    };
     Ok(Some(Arc::new(service)))
 }
 

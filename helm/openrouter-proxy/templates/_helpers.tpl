@@ -415,11 +415,13 @@ subPath) so ConfigMap and Secret updates reach the running proxy.
 {{/*
 The claim holding the batch store: batch.persistence in the standalone shape (the claim the chart
 creates, or batch.persistence.existingClaim); empty otherwise (an emptyDir). A store has one
-writer, so persistence refuses more than one replica.
+writer, so persistence refuses more than one replica. With redis.url or redis.existingSecret the
+store is Redis, shared by every replica: no claim, and any replica count.
 */}}
 {{- define "openrouter-proxy.batchClaim" -}}
 {{- $persist := .Values.batch.persistence }}
-{{- if and .Values.batch.enabled $persist.enabled }}
+{{- $onRedis := or .Values.redis.url .Values.redis.existingSecret }}
+{{- if and .Values.batch.enabled $persist.enabled (not $onRedis) }}
 {{- if include "openrouter-proxy.inAppPod" . }}
 {{- fail "batch.persistence is for the standalone shape; a sidecar's store is an emptyDir (see batch.emptyDir)" }}
 {{- end }}

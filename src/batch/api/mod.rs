@@ -139,6 +139,13 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
+        if error.is_unavailable() {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The batch store (Redis) cannot be reached; try again shortly.",
+            )
+            .code("store_unavailable");
+        }
         tracing::error!(%error, "the batch store failed a request");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

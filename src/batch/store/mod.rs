@@ -1,5 +1,5 @@
-//! Where files, batches and their lines live, behind one trait: the embedded SQLite store now, a
-//! Redis-backed one (Streams consumer group across replicas) as a second implementation later.
+//! Where files, batches and their lines live, behind one trait: the embedded SQLite store of one
+//! replica, or the Redis store that every replica shares (lines over a Streams consumer group).
 //!
 //! A line moves `pending -> leased(until) -> retry_at(t) -> ... -> succeeded | failed`, and each
 //! move is one transaction together with its result: a result once settled is never run again,
@@ -14,8 +14,10 @@ use tokio::io::AsyncRead;
 
 use super::model::{Batch, BatchStatus, FileObject, LineError, ListQuery};
 
+mod redis;
 mod sqlite;
 
+pub use self::redis::RedisStore;
 pub use sqlite::SqliteStore;
 
 /// The future every store call returns.
@@ -36,6 +38,21 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+impl StoreError {
+    /// What a store says while it cannot reach its database (Redis down): the API answers 503
+    /// and the workers wait and try again.
+    pub const UNAVAILABLE: &'static str =
+        "the batch store is unavailable (Redis cannot be reached)";
+
+    pub fn unavailable() -> StoreError {
+        StoreError(StoreError::UNAVAILABLE.to_owned())
+    }
+
+    pub fn is_unavailable(&self) -> bool {
+        self.0 == StoreError::UNAVAILABLE
+    }
+}
 
 impl From<std::io::Error> for StoreError {
     fn from(error: std::io::Error) -> Self {
