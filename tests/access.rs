@@ -2,9 +2,9 @@
 //! concurrency and rate limits with Retry-After, and request-head limits.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
-use support::*;
+use common::*;
 
 fn hash(token: &str) -> String {
     openrouter_proxy::auth::hex(&openrouter_proxy::auth::sha256(token.as_bytes()))

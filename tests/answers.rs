@@ -3,7 +3,7 @@
 //! after reading the head.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::io::Read;
 use std::time::Duration;
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use support::*;
+use common::*;
 
 const ROUTES: &str = r#"
 [fallback]

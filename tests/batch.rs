@@ -3,16 +3,16 @@
 //! mock upstream; the store is the embedded one on a fresh directory per test.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::batch::*;
+use common::*;
 use openrouter_proxy::config::BatchConfig;
 use serde_json::Value;
-use support::batch::*;
-use support::*;
 
 const ALICE: &str = "alice";
 

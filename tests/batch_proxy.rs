@@ -5,15 +5,15 @@
 //! had arrived.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use common::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, store_dir, Gates};
+use common::batch_proxy::*;
+use common::*;
 use serde_json::Value;
-use support::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, store_dir, Gates};
-use support::batch_proxy::*;
-use support::*;
 
 #[tokio::test]
 async fn two_hundred_lines_run_through_the_proxy_as_their_owner() {

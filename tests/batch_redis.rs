@@ -4,17 +4,17 @@
 //! the other after `claim_after`, and the batch completes with every custom_id once.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use common::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, Gates};
+use common::batch_proxy::*;
+use common::redis::RedisServer;
+use common::replicas::{replica_config, start_replica, stop};
+use common::*;
 use serde_json::Value;
-use support::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, Gates};
-use support::batch_proxy::*;
-use support::redis::RedisServer;
-use support::replicas::{replica_config, start_replica, stop};
-use support::*;
 
 /// A mock that holds every answer while `hold` is set.
 async fn holding_upstream() -> (MockUpstream, Gates, Arc<AtomicBool>) {

@@ -4,18 +4,18 @@
 //! and 503-worthy errors while Redis is down.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::redis::RedisServer;
 use openrouter_proxy::batch::model::{Batch, BatchStatus, FileObject, ListQuery};
 use openrouter_proxy::batch::store::{
     BatchStore, Lease, LineState, NewLine, Settlement, StoredFile, Transition,
 };
 use openrouter_proxy::batch::RedisStore;
-use support::redis::RedisServer;
 use tokio::io::AsyncReadExt;
 
 const CLAIM: Duration = Duration::from_millis(300);

@@ -3,16 +3,16 @@
 //! graceful stop mid-batch, and `[batch]` as a restart-only setting.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use common::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, store_dir, Gates};
+use common::batch_proxy::*;
+use common::*;
 use serde_json::Value;
-use support::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, store_dir, Gates};
-use support::batch_proxy::*;
-use support::*;
 
 #[tokio::test]
 async fn without_batch_the_paths_are_forwarded_upstream() {

@@ -2,13 +2,13 @@
 //! Cache-Control, what is never cached, coalescing, the byte bound and tenant separation.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
+use common::*;
 
 const CACHED: &str = r#"
 [[routes]]

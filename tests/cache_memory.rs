@@ -3,11 +3,11 @@
 //! + 16 MiB above its baseline.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
 
-use support::*;
+use common::*;
 
 const MAX_BYTES: u64 = 16 * 1024 * 1024;
 

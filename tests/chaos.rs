@@ -9,13 +9,13 @@
     reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
 )]
 
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::*;
+use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHAT: &str = r#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;

@@ -2,9 +2,9 @@
 //! answer, mid-stream errors, resume, and passive health.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
-use support::*;
+use common::*;
 
 const CHAIN: &str = r#"
 [fallback]

@@ -2,13 +2,13 @@
 //! limit, compressed bodies and streamed uploads. Each test failed before its fix.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::io::Write;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::*;
+use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

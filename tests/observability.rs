@@ -10,19 +10,19 @@
     reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
 )]
 
-mod support;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use common::*;
 use serde_json::Value;
-use support::*;
 
 // ---------------------------------------------------------------------------------------------
 // log capture
 
 /// Installs the process-wide JSON log capture (debug lines too: nothing secret may hide one level
-/// below the default); see `support::captured_logs`.
+/// below the default); see `common::captured_logs`.
 fn captured() {
     captured_logs();
 }

@@ -2,13 +2,13 @@
 //! same routing, model rewrite, cache and attempts as a client's, with no inbound connection.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
+use common::*;
 use http::{HeaderMap, Method};
 use http_body_util::BodyExt;
 use openrouter_proxy::pipeline::{execute, InternalRequest, Shared};
 use openrouter_proxy::runtime::Runtime;
-use support::*;
 
 fn shared_for(upstream: &MockUpstream, extra: &str) -> Shared {
     let key = temp_file("key", TEST_KEY);

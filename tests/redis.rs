@@ -4,20 +4,20 @@
 //! bounded write queue, and the checks of `[redis]`, `budget` and `tier2`.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::future::Future;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use common::redis::{metric, wait_up, RedisServer};
+use common::{temp_file, PATIENCE};
 use http::{header, HeaderValue};
 use openrouter_proxy::config::{BudgetConfig, Config};
 use openrouter_proxy::redis::{
     BudgetScope, Budgets, Period, Redis, RedisSettings, SharedLimiter, StoredAnswer, Tier2,
     BUDGET_SPENT, REDIS_ERRORS, REDIS_UP, TIER2_DROPPED,
 };
-use support::redis::{metric, wait_up, RedisServer};
-use support::{temp_file, PATIENCE};
 
 /// `op_timeout` of replicas that must not fall back to local counting when the loaded test
 /// machine stalls. A killed Redis refuses at once, so their calls stay short all the same.

@@ -3,13 +3,13 @@
 //! replayed by the other with the same events (through raw HTTP and the official Python SDK).
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
-use support::redis::RedisServer;
-use support::replicas::{
+use common::redis::RedisServer;
+use common::replicas::{
     cache_keys, chat, chat_body, header, metrics_of, replica_config, start_pair, stop, wait_cached,
 };
-use support::{labelled, python, root, BinaryProxy, MockUpstream, PATIENCE};
+use common::{labelled, python, root, BinaryProxy, MockUpstream, PATIENCE};
 
 /// `op_timeout` of replicas that must not fall back on a loaded machine.
 const STEADY: &str = "5s";

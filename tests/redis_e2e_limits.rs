@@ -3,13 +3,13 @@
 //! one replica (from the answers' `usage.cost`, streamed or not) exhausts a budget on both.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
-use support::redis::RedisServer;
-use support::replicas::{
+use common::redis::RedisServer;
+use common::replicas::{
     chat, chat_body, header, replica_config, start_pair, stop, token_hash, wait_metric,
 };
-use support::{chat_completion, error_json, labelled, openai_like_reply, MockUpstream, Reply};
+use common::{chat_completion, error_json, labelled, openai_like_reply, MockUpstream, Reply};
 
 const STEADY: &str = "5s";
 /// The rate limit below: a burst of N, then one request per 60/N s.
@@ -45,7 +45,7 @@ async fn upstream() -> MockUpstream {
 /// Sends N + 10 requests for `model` with `token`, alternately to A and B, and checks that N or
 /// N + 1 were admitted and every other one refused with 429, `rate_limit_exceeded` and
 /// `Retry-After`, on both replicas.
-async fn spread(replicas: [&support::BinaryProxy; 2], model: &str, token: &str) {
+async fn spread(replicas: [&common::BinaryProxy; 2], model: &str, token: &str) {
     let auth = format!("Bearer {token}");
     let (mut admitted, mut refused_on) = (0, [0, 0]);
     for i in 0..N + 10 {

@@ -5,19 +5,19 @@
 //! use it again by themselves: tier-2 hits and shared limits work, with no restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use support::redis::RedisServer;
-use support::replicas::{
+use common::redis::RedisServer;
+use common::replicas::{
     chat, chat_body, gauge, header, metrics_of, redis_errors, replica_config, start_pair, stop,
     wait_metric,
 };
-use support::{
+use common::{
     chat_completion, openai_like_reply, post_json, read_all, send, BinaryProxy, MockUpstream,
 };
-use support::{Reply, PATIENCE};
+use common::{Reply, PATIENCE};
 use tokio::sync::watch;
 
 /// Long enough not to fall back when the loaded test machine stalls; a frozen Redis holds the

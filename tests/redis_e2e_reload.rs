@@ -2,16 +2,16 @@
 //! reload that changes or removes `[redis]` applies without a restart and says so in the log.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::time::{Duration, Instant};
 
-use support::redis::RedisServer;
-use support::replicas::{
+use common::redis::RedisServer;
+use common::replicas::{
     chat, chat_body, gauge, header, metrics_of, redis_errors, replica_config, start_replica, stop,
     wait_metric,
 };
-use support::{labelled, MockUpstream, PATIENCE};
+use common::{labelled, MockUpstream, PATIENCE};
 
 const STEADY: &str = "5s";
 const CACHED_ROUTE: &str =
@@ -70,7 +70,7 @@ async fn wait_keys(server: &RedisServer, pattern: &str, n: usize) {
 }
 
 /// Sends SIGHUP and waits until the proxy counted `n` successful reloads.
-async fn reload(proxy: &support::BinaryProxy, n: f64) {
+async fn reload(proxy: &common::BinaryProxy, n: f64) {
     proxy.signal("HUP").await;
     wait_metric(proxy, "the reload", |m| {
         labelled(m, "openrouter_config_reloads_total", &[("result", "ok")]) >= Some(n)

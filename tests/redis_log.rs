@@ -2,10 +2,10 @@
 //! call, and never the password of the URL. Its own test binary: the log subscriber is process-wide.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
+use common::redis::{wait_up, RedisServer};
 use openrouter_proxy::redis::SharedLimiter;
-use support::redis::{wait_up, RedisServer};
 
 /// `op_timeout` long enough that a stall of the loaded test machine is not taken for an outage.
 const STEADY: &str = "5s";

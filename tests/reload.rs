@@ -6,7 +6,7 @@
     reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
 )]
 
-mod support;
+mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::*;
 use openrouter_proxy::runtime::content_hash;
-use support::*;
 
 const CHAT: &str = "/v1/chat/completions";
 

@@ -3,11 +3,11 @@
 //! the tests fail, never skip, when an SDK is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::path::PathBuf;
 
-use support::*;
+use common::*;
 
 const ROUTES: &str = r#"
 [server]

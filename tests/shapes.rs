@@ -5,12 +5,12 @@
 //! OpenAI SDKs as clients. `scripts/test` installs the SDKs; these tests fail when one is missing.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use bytes::Bytes;
 use serde_json::Value;
 
-use support::*;
+use common::*;
 
 /// One route per line: the alias a client asks for, the model it is sent to, then its fallbacks;
 /// `cached` caches its answers.

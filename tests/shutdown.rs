@@ -2,9 +2,9 @@
 //! finishes, and the process exits 0.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
-use support::*;
+use common::*;
 
 #[tokio::test]
 async fn sigterm_drains_an_open_stream_then_exits_zero() {

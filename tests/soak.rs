@@ -18,7 +18,7 @@
     reason = "each scenario reads top to bottom: load, fault, then every check of its outcome"
 )]
 
-mod support;
+mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,10 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use support::*;
 use tokio::sync::watch;
 
 /// Content chunks each stream carries after the first one.

@@ -6,7 +6,7 @@
 //! counted.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +19,8 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use serde_json::{json, Value};
 
-use support::otlp::*;
-use support::{MockUpstream, Reply, PATIENCE};
+use common::otlp::*;
+use common::{MockUpstream, Reply, PATIENCE};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";

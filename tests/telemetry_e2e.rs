@@ -6,15 +6,15 @@
 //! adds no trace header.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use support::otlp::*;
-use support::*;
+use common::otlp::*;
+use common::*;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";

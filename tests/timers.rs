@@ -4,11 +4,11 @@
 //! each timer is shown to fire exactly when it is due, on any machine load.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 
-mod support;
+mod common;
 
 use std::time::Duration;
 
-use support::*;
+use common::*;
 
 /// How long a test gives the proxy, in real time, to do something it must not do (leave an
 /// upstream early, end a stream early). A correct proxy passes however long this is.

@@ -10,13 +10,13 @@
     reason = "each scenario reads top to bottom: set-up, fault, then every check of its outcome"
 )]
 
-mod support;
+mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::*;
 use serde_json::Value;
-use support::*;
 
 const CHAT: &str = "/v1/chat/completions";
 

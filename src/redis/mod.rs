@@ -31,12 +31,15 @@ pub mod op {
     pub const BUDGET_RECORD: &str = "budget_record";
     pub const CACHE_GET: &str = "cache_get";
     pub const CACHE_PUT: &str = "cache_put";
-    pub const ALL: [&str; 5] = [
+    /// Calls of the Batch API's shared store.
+    pub const BATCH: &str = "batch";
+    pub const ALL: [&str; 6] = [
         RATE_LIMIT,
         BUDGET_CHECK,
         BUDGET_RECORD,
         CACHE_GET,
         CACHE_PUT,
+        BATCH,
     ];
 }
 

@@ -1137,3 +1137,14 @@ def test_spans_name_the_pod(chart, shape):
 def test_schema_rejects_bad_otel_values(chart, values):
     with pytest.raises(helm_python.HelmValuesError):
         render_raw(chart, values)
+
+
+def test_batch_on_redis_takes_no_claim_and_allows_replicas(chart):
+    # The store lives in Redis, shared by the replicas: no claim, no Recreate, any replica count.
+    values = {"replicaCount": 3, "autoscaling": {"enabled": True},
+              "redis": {"url": "redis://redis:6379/0"},
+              "batch": {"enabled": True, "persistence": {"enabled": True}}}
+    docs = render(chart, values)
+    assert "batch" in proxy_toml(docs) and "redis" in proxy_toml(docs)
+    assert not find(docs, "PersistentVolumeClaim")
+    assert one(docs, "Deployment")["spec"].get("strategy") != {"type": "Recreate"}

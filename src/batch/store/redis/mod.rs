@@ -35,7 +35,7 @@ mod lines;
 mod scripts;
 
 /// The `op` label of this store's failed Redis calls.
-const OP: &str = "batch";
+const OP: &str = crate::redis::op::BATCH;
 
 /// Files and batches in Redis, lines shared over every replica. See the module documentation.
 pub struct RedisStore {
