@@ -66,11 +66,9 @@ usage: cargo bench --bench load -- [FLAGS]
   --no-tls              leave out the columns through a TLS + HTTP/2 origin (an nginx with a
                         self-signed certificate in front of the mock, reached by nginx and by
                         the proxy; needs nginx and openssl)
-  --otel                the proxy traces every request ([otel] with sample_ratio = 1), exporting
-                        over OTLP/HTTP to the mock, which accepts every export";
-
-/// `--otel`: every proxy started traces every request to the mock.
-static TRACED: OnceLock<bool> = OnceLock::new();
+  --otel                one more column: the proxy tracing every request ([otel] with
+                        sample_ratio = 1), exporting over OTLP/HTTP to the mock, which accepts
+                        every export";
 
 /// The request header that makes the mock answer with SSE: `<chunks> <interval_us> <hold 0|1>`.
 const SSE_HEADER: &str = "x-bench-sse";
@@ -103,6 +101,8 @@ struct Options {
     tls: bool,
     /// Another build of the proxy, as a column of its own: before and after a change, one run.
     baseline: Option<PathBuf>,
+    /// A column for the proxy tracing every request.
+    otel: bool,
 }
 
 impl Options {
@@ -122,6 +122,7 @@ impl Options {
             nginx: nginx::find(None),
             tls: true,
             baseline: None,
+            otel: false,
         };
         let number = |value: Option<&String>, flag: &str| -> Result<usize, String> {
             value
@@ -158,9 +159,7 @@ impl Options {
                 }
                 "--streams" => options.streams = list(it.next(), arg)?,
                 "--worker-threads" => options.worker_threads = number(it.next(), arg)?,
-                "--otel" => {
-                    let _ = TRACED.set(true);
-                }
+                "--otel" => options.otel = true,
                 "--source-ips" => options.source_ips = Some(number(it.next(), arg)?.clamp(1, 250)),
                 "--proxy" => {
                     options.proxy = Some(it.next().ok_or("--proxy needs a path")?.into());
@@ -415,8 +414,10 @@ struct UpstreamSpec {
     base_url: String,
     /// A certificate to trust (the TLS origin's self-signed one).
     ca_file: Option<PathBuf>,
-    /// Where spans go with `--otel`: the mock, which accepts every export.
+    /// Where spans go when `traced`: the mock, which accepts every export.
     collector: SocketAddr,
+    /// `[otel]` with every request sampled.
+    traced: bool,
 }
 
 impl UpstreamSpec {
@@ -425,6 +426,7 @@ impl UpstreamSpec {
             base_url: format!("http://{mock}/api/v1"),
             ca_file: None,
             collector: mock,
+            traced: false,
         }
     }
 }
@@ -484,7 +486,7 @@ model = "openai/gpt-4o-mini"
 cache_ttl = "1h"
 "#
         );
-        let text = if TRACED.get() == Some(&true) {
+        let text = if upstream.traced {
             format!(
                 "{text}\n[otel]\nendpoint = \"http://{}\"\nsample_ratio = 1.0\n",
                 upstream.collector
@@ -1233,6 +1235,7 @@ impl TlsSides {
             base_url: format!("https://localhost:{}/api/v1", origin.addr.port()),
             ca_file: Some(cert),
             collector: mock.addr,
+            traced: false,
         };
         let proxy = ProxyProcess::start(proxy, &upstream, 20_000, threads, WARN_LOG);
         Some(TlsSides {
@@ -1255,6 +1258,13 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     let threads = options.worker_threads;
     let proxy = ProxyProcess::start(binary, &plain, 20_000, threads, WARN_LOG);
     let proxy_info = ProxyProcess::start(binary, &plain, 20_000, threads, INFO_LOG);
+    let traced = options.otel.then(|| {
+        let spec = UpstreamSpec {
+            traced: true,
+            ..UpstreamSpec::plain(mock.addr)
+        };
+        ProxyProcess::start(binary, &spec, 20_000, threads, WARN_LOG)
+    });
     let baseline = options
         .baseline
         .as_ref()
@@ -1293,6 +1303,13 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
             name,
             target: Target::new(process.api, "/v1/chat/completions"),
             pid: Some(process.pid()),
+        });
+    }
+    if let Some(traced) = &traced {
+        sides.push(Side {
+            name: "proxy, traced (sampled 100%)",
+            target: Target::new(traced.api, "/v1/chat/completions"),
+            pid: Some(traced.pid()),
         });
     }
     if let Some(baseline) = &baseline {
@@ -1374,7 +1391,7 @@ async fn run(options: &Options, binary: &Path, mock: &Mock, args: &[String]) {
     } else {
         None
     };
-    drop((proxy, proxy_info, baseline, nginx, tls));
+    drop((proxy, proxy_info, traced, baseline, nginx, tls));
 
     let mut memory = Vec::new();
     for &asked in &options.streams {
