@@ -84,16 +84,14 @@ impl BatchConfig {
                 format!("must be at most 20, got {}", self.max_retries),
             ));
         }
-        for (key, value) in [
-            ("retry_base", self.retry_base),
-            ("retention", self.retention),
-            ("claim_after", self.claim_after),
-        ] {
-            if value.is_zero() {
-                return Err(Invalid::new(at(key), "must be longer than 0s"));
-            }
-        }
-        Ok(())
+        Invalid::if_zero(
+            "batch",
+            &[
+                ("retry_base", self.retry_base),
+                ("retention", self.retention),
+                ("claim_after", self.claim_after),
+            ],
+        )
     }
 }
 

@@ -80,6 +80,17 @@ impl Invalid {
             reason: reason.into(),
         }
     }
+
+    /// The first of `durations` (keys of the table `table`) that is zero, as an error.
+    pub fn if_zero(table: &str, durations: &[(&str, std::time::Duration)]) -> Result<(), Invalid> {
+        match durations.iter().find(|(_, value)| value.is_zero()) {
+            Some((key, _)) => Err(Invalid::new(
+                KeyPath::new(table).key(key),
+                "must be longer than 0s",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A config that could not be loaded.

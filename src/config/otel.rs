@@ -90,15 +90,13 @@ impl OtelConfig {
                 "must be between 1 and max_queue_size",
             ));
         }
-        for (key, value) in [
-            ("export_interval", self.export_interval),
-            ("export_timeout", self.export_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(Invalid::new(at(key), "must be longer than 0s"));
-            }
-        }
-        Ok(())
+        Invalid::if_zero(
+            "otel",
+            &[
+                ("export_interval", self.export_interval),
+                ("export_timeout", self.export_timeout),
+            ],
+        )
     }
 }
 

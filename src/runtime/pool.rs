@@ -73,6 +73,15 @@ impl Endpoint {
             tracing::info!(upstream, endpoint = %self.url, "endpoint answered again");
         }
     }
+
+    /// It answered with `status`: ejected for `cooldown` on a 5xx, back in rotation otherwise.
+    pub fn answered(&self, status: u16, cooldown: Duration, upstream: &str) {
+        if status >= 500 {
+            self.eject(cooldown, upstream);
+        } else {
+            self.healthy(upstream);
+        }
+    }
 }
 
 /// Keeps a request counted in flight on its endpoint until its answer is over.

@@ -205,8 +205,7 @@ async fn dispatch(
             .ok_or_else(|| Failure::new(Reason::Transport, "the upload was already sent".into()))?;
         let endpoint = upstream.endpoints[pick.endpoint].clone();
         let mut request = out.request(upstream, &endpoint, pick.credentials.as_ref(), body)?;
-        // One span for the attempt, however many endpoints and keys it takes; the upstream sees
-        // it as the parent (without tracing the client's `traceparent` goes on unchanged).
+        // One span per attempt, whatever endpoints and keys it takes: the upstream's parent.
         let span = span.get_or_insert_with(|| {
             record.span.attempt(&AttemptFacts {
                 upstream: &upstream.name,
@@ -251,11 +250,7 @@ async fn dispatch(
                 key.accepted();
             }
         }
-        if status >= 500 {
-            endpoint.eject(cooldown, &upstream.name);
-        } else {
-            endpoint.healthy(&upstream.name);
-        }
+        endpoint.answered(status, cooldown, &upstream.name);
         // Once, for the answer the attempt ends with (a key swapped before is not its answer).
         span.status(status);
         return Ok((response, load));

@@ -171,10 +171,7 @@ pub(super) async fn list(
     query: &ListQuery,
 ) -> Result<Vec<Batch>, StoreError> {
     let index = by_owner(shared, owner);
-    let after: Option<f64> = match &query.after {
-        Some(after) => shared.query(&Cmd::zscore(&index, after)).await?,
-        None => None,
-    };
+    let after = shared.cursor(&index, query.after.as_ref()).await?;
     let mut batches = Vec::new();
     for id in ids(shared, &index, after, query.limit.saturating_add(1), true).await? {
         if let Some(record) = read(shared, &id).await? {

@@ -106,10 +106,7 @@ pub(super) async fn list(
     query: &ListQuery,
 ) -> Result<Vec<FileObject>, StoreError> {
     let index = by_owner(shared, owner);
-    let after: Option<f64> = match &query.after {
-        Some(after) => shared.query(&Cmd::zscore(&index, after)).await?,
-        None => None,
-    };
+    let after = shared.cursor(&index, query.after.as_ref()).await?;
     let wanted = query.limit.saturating_add(1);
     let mut files = Vec::new();
     // Exclusive bounds in creation order, moved past each page read.

@@ -135,6 +135,15 @@ impl Shared {
             .ok_or_else(StoreError::unavailable)
     }
 
+    /// Where a listing resumes: the position of `after` in the ordered set `index` (`None` from
+    /// the start, or when `after` is not in it).
+    async fn cursor(&self, index: &str, after: Option<&String>) -> Result<Option<f64>, StoreError> {
+        match after {
+            Some(after) => self.query(&Cmd::zscore(index, after)).await,
+            None => Ok(None),
+        }
+    }
+
     async fn script<T: FromRedisValue + Send>(
         &self,
         script: &Script,
