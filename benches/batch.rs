@@ -5,8 +5,13 @@
 //! running proxy runs them (`proxy`: routing, key injection, the upstream client, the access
 //! log), so the proxy's share is a ratio from one run.
 //!
-//! Run it with `cargo bench --bench batch` (`-- --lines N --concurrency A,B` to change the run).
-//! Under `cargo test` it does nothing.
+//! A second table measures live requests while a batch runs (see `batch/live.rs`): their p50 and
+//! p99 straight to the mock and through the real proxy, with no batch and during a batch at each
+//! concurrency, and the latency the proxy adds in each case.
+//!
+//! Run it with `cargo bench --bench batch` (`-- --lines N --concurrency A,B --live-clients C,D
+//! --live-seconds S --tables throughput,live` to change the run). Under `cargo test` it does
+//! nothing.
 
 #![allow(
     clippy::unwrap_used,
@@ -35,6 +40,9 @@ use openrouter_proxy::config::BatchConfig;
 use openrouter_proxy::pipeline::line::{CallerKeys, PipelineLines};
 use openrouter_proxy::pipeline::Shared;
 use tokio::net::TcpListener;
+
+#[path = "batch/live.rs"]
+mod live;
 
 const ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"a short answer of a few words"},"finish_reason":"stop"}],"usage":{"prompt_tokens":9,"completion_tokens":7,"total_tokens":16}}"#;
 
@@ -209,6 +217,15 @@ fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.get(at + 1)?.parse().ok()
 }
 
+/// A comma-separated list of numbers after `name`, or `default`.
+fn list(args: &[String], name: &str, default: &str) -> Vec<usize> {
+    flag::<String>(args, name)
+        .unwrap_or_else(|| default.to_owned())
+        .split(',')
+        .map(|c| c.parse().unwrap())
+        .collect()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if !args.iter().any(|a| a == "--bench") {
@@ -216,11 +233,10 @@ fn main() {
         return;
     }
     let lines: usize = flag(&args, "--lines").unwrap_or(10_000);
-    let concurrencies: Vec<usize> = flag::<String>(&args, "--concurrency")
-        .unwrap_or_else(|| "8,64".to_owned())
-        .split(',')
-        .map(|c| c.parse().unwrap())
-        .collect();
+    let concurrencies = list(&args, "--concurrency", "8,64");
+    let tables: String = flag(&args, "--tables").unwrap_or_else(|| "throughput,live".to_owned());
+    let live_clients: Vec<usize> = list(&args, "--live-clients", "1,8");
+    let live_seconds: f64 = flag(&args, "--live-seconds").unwrap_or(3.0);
     let mock = start_mock();
     // The running proxy writes an access-log line per batch line: so does this one, to nowhere.
     tracing_subscriber::fmt()
@@ -234,10 +250,32 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if tables.contains("throughput") {
+        throughput(&runtime, mock, lines, &concurrencies);
+        println!();
+    }
+    if tables.contains("live") {
+        live::table(
+            mock,
+            &input(lines),
+            &live_clients,
+            &concurrencies,
+            live_seconds,
+        );
+    }
+}
+
+/// Prints the throughput table: lines/s direct and through the proxy at each concurrency.
+fn throughput(
+    runtime: &tokio::runtime::Runtime,
+    mock: SocketAddr,
+    lines: usize,
+    concurrencies: &[usize],
+) {
     println!(
         "| concurrency | lines | lines/s direct | lines/s through the proxy | proxy / direct |\n|---:|---:|---:|---:|---:|"
     );
-    for concurrency in concurrencies {
+    for &concurrency in concurrencies {
         let direct = runtime.block_on(run(mock, Path::Direct, lines, concurrency));
         let proxied = runtime.block_on(run(mock, Path::Proxy, lines, concurrency));
         let (direct, proxied) = (lines as f64 / direct, lines as f64 / proxied);
