@@ -9,7 +9,7 @@ use common::redis::RedisServer;
 use common::replicas::{
     cache_keys, chat, chat_body, header, metrics_of, replica_config, start_pair, stop, wait_cached,
 };
-use common::{labelled, python, root, BinaryProxy, MockUpstream, PATIENCE};
+use common::{client_output, labelled, python, root, BinaryProxy, MockUpstream, PATIENCE};
 
 /// `op_timeout` of replicas that must not fall back on a loaded machine.
 const STEADY: &str = "5s";
@@ -109,25 +109,13 @@ async fn a_stream_seen_by_one_replica_is_replayed_event_by_event_by_the_other() 
 
 /// Runs `tests/sdk/redis_replay_python.py` against `proxy` and returns what it printed.
 async fn sdk_stream(proxy: &BinaryProxy, prompt: &str) -> serde_json::Value {
-    let output = tokio::time::timeout(
-        PATIENCE * 3,
-        tokio::process::Command::new(python())
-            .arg(root().join("tests/sdk/redis_replay_python.py"))
-            .env("OPENAI_BASE_URL", format!("http://{}/v1", proxy.api))
-            .env("PROMPT", prompt)
-            .env_remove("OPENAI_API_KEY")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the SDK client did not finish in time")
-    .expect("could not start the SDK client");
-    assert!(
-        output.status.success(),
-        "SDK client failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut client = tokio::process::Command::new(python());
+    client
+        .arg(root().join("tests/sdk/redis_replay_python.py"))
+        .env("OPENAI_BASE_URL", format!("http://{}/v1", proxy.api))
+        .env("PROMPT", prompt)
+        .env_remove("OPENAI_API_KEY");
+    let output = client_output(client, PATIENCE * 3).await;
     serde_json::from_slice(&output.stdout).unwrap()
 }
 

@@ -223,23 +223,8 @@ pub async fn python_batch(server: &BatchServer, owner: &str, args: &[&str]) -> V
         .arg(root().join("tests/sdk/batch_python.py"))
         .args(args)
         .env("OPENAI_BASE_URL", server.url("/v1"))
-        .env("OPENAI_API_KEY", owner)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let running = client.spawn().expect("could not start the SDK client");
-    let finished = tokio::time::timeout(PATIENCE * 6, running.wait_with_output()).await;
-    let output = finished
-        .expect("the SDK client did not finish in time")
-        .expect("the SDK client's output could not be read");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "SDK client failed:\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+        .env("OPENAI_API_KEY", owner);
+    super::client_json(client, PATIENCE * 6).await
 }
 
 /// One input line for `/v1/chat/completions`.

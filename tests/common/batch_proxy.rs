@@ -70,25 +70,13 @@ pub fn sent_per_line(upstream: &MockUpstream) -> HashMap<usize, usize> {
 /// Runs `tests/sdk/batch_python.py` with `args` against the proxy at `addr` as the caller with
 /// `key`, and returns the JSON it printed.
 pub async fn python_sdk(addr: &str, key: &str, args: &[&str]) -> Value {
-    let output = tokio::process::Command::new(python())
+    let mut client = tokio::process::Command::new(python());
+    client
         .arg(root().join("tests/sdk/batch_python.py"))
         .args(args)
         .env("OPENAI_BASE_URL", format!("http://{addr}/v1"))
-        .env("OPENAI_API_KEY", key)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(PATIENCE * 6, output)
-        .await
-        .expect("the SDK client did not finish in time")
-        .expect("could not start the SDK client");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "SDK client failed:\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
+        .env("OPENAI_API_KEY", key);
+    super::client_json(client, PATIENCE * 6).await
 }
 
 pub fn counts(batch: &Value) -> (u64, u64, u64) {

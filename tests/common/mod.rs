@@ -1016,25 +1016,44 @@ pub fn python() -> PathBuf {
 /// Runs an SDK client against `proxy` (its SDK's base URL variable pointing at it, no key of the
 /// environment's) and fails the test with the client's output unless it exits successfully.
 pub async fn run_client(mut command: tokio::process::Command, proxy: &TestProxy) {
-    let output = tokio::time::timeout(
-        PATIENCE * 3,
-        command
-            .env("OPENAI_BASE_URL", proxy.url("/v1"))
-            .env("ANTHROPIC_BASE_URL", proxy.url(""))
-            .env_remove("OPENAI_API_KEY")
-            .env_remove("ANTHROPIC_API_KEY")
-            .env_remove("ANTHROPIC_AUTH_TOKEN")
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the SDK client did not finish in time")
-    .expect("could not start the SDK client");
+    command
+        .env("OPENAI_BASE_URL", proxy.url("/v1"))
+        .env("ANTHROPIC_BASE_URL", proxy.url(""))
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_AUTH_TOKEN");
+    client_output(command, PATIENCE * 3).await;
+}
+
+/// Runs an SDK client (stdin closed, killed if the test ends first) for at most `patience`, and
+/// fails the test with its stdout and stderr unless it exits successfully.
+pub async fn client_output(
+    mut command: tokio::process::Command,
+    patience: Duration,
+) -> std::process::Output {
+    let running = command
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(patience, running)
+        .await
+        .expect("the SDK client did not finish in time")
+        .expect("could not start the SDK client");
     assert!(
         output.status.success(),
         "SDK client failed:\nstdout: {}\nstderr: {}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    output
+}
+
+/// [`client_output`] of a client that prints a JSON value as its last line: that value.
+pub async fn client_json(
+    command: tokio::process::Command,
+    patience: Duration,
+) -> serde_json::Value {
+    let output = client_output(command, patience).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap()
 }
