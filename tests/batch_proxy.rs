@@ -109,9 +109,7 @@ async fn a_proxy_killed_mid_batch_resumes_without_sending_an_answered_line_again
     let store = store_dir();
     let config = binary_config(&upstream, &store, "concurrency = 4\n");
     let proxy = BinaryProxy::spawn(&config, &[]).await;
-    let input = input_file(&numbered_lines("line", 20));
-    let created = python_sdk(&proxy.api, ALICE, &["create", input.to_str().unwrap()]).await;
-    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = sdk_create_batch(&proxy.api, ALICE, 20).await;
 
     // Four lines in flight at most, four of them held: the ten others were answered, and each
     // was recorded before its slot went to a held line.

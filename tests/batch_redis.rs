@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::batch::{custom_ids, input_file, jsonl, numbered, numbered_lines, Gates};
+use common::batch::{custom_ids, jsonl, numbered, Gates};
 use common::batch_proxy::*;
 use common::redis::RedisServer;
 use common::replicas::{replica_config, start_replica, stop};
@@ -77,9 +77,7 @@ async fn two_replicas_share_one_batch_with_no_line_done_twice() {
     let (upstream, gates, hold) = holding_upstream().await;
     let config = config(&server, &upstream, "5m");
     let (a, b) = (start_replica(&config).await, start_replica(&config).await);
-    let input = input_file(&numbered_lines("line", 200));
-    let created = python_sdk(&a.api, ALICE, &["create", input.to_str().unwrap()]).await;
-    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = sdk_create_batch(&a.api, ALICE, 200).await;
     // Eight answers held at once: four lines in flight per replica at most, so both work it.
     upstream.wait_requests(8).await;
     hold.store(false, Ordering::SeqCst);
@@ -111,9 +109,7 @@ async fn lines_of_a_killed_replica_are_claimed_by_the_other() {
     let (upstream, gates, hold) = holding_upstream().await;
     let config = config(&server, &upstream, "2s");
     let (a, b) = (start_replica(&config).await, start_replica(&config).await);
-    let input = input_file(&numbered_lines("line", 40));
-    let created = python_sdk(&a.api, ALICE, &["create", input.to_str().unwrap()]).await;
-    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = sdk_create_batch(&a.api, ALICE, 40).await;
     upstream.wait_requests(8).await;
     a.signal("KILL").await;
     let (status, _) = a.wait().await;

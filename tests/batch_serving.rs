@@ -112,9 +112,7 @@ async fn batch_lines_wait_while_live_requests_are_above_yield_above() {
     upstream.wait_requests(1).await;
 
     let addr = proxy.addr.to_string();
-    let input = input_file(&numbered_lines("line", 3));
-    let created = python_sdk(&addr, "k", &["create", input.to_str().unwrap()]).await;
-    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = sdk_create_batch(&addr, "k", 3).await;
     let url = proxy.url(&format!("/v1/batches/{batch_id}"));
     let auth = [("authorization", "Bearer k")];
     wait_until_async("the batch is validated", || async {
@@ -187,14 +185,7 @@ async fn a_graceful_stop_mid_batch_releases_the_store_and_the_batch_resumes() {
         store.display()
     );
     let proxy = TestProxy::start(&upstream, &extra).await;
-    let input = input_file(&numbered_lines("line", 5));
-    let created = python_sdk(
-        &proxy.addr.to_string(),
-        "k",
-        &["create", input.to_str().unwrap()],
-    )
-    .await;
-    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = sdk_create_batch(&proxy.addr.to_string(), "k", 5).await;
     upstream.wait_requests(4).await;
 
     // Two held lines in flight: the stop gives them the grace period, then lets go of them and of
@@ -279,14 +270,7 @@ async fn after_a_restart_a_pass_through_owners_lines_wait_for_its_key() {
         store.display()
     );
     let proxy = TestProxy::start(&upstream, &extra).await;
-    let input = input_file(&numbered_lines("line", 3));
-    let created = python_sdk(
-        &proxy.addr.to_string(),
-        "sk-or-key-a",
-        &["create", input.to_str().unwrap()],
-    )
-    .await;
-    let batch_id = created["batch_id"].as_str().unwrap().to_owned();
+    let batch_id = sdk_create_batch(&proxy.addr.to_string(), "sk-or-key-a", 3).await;
     upstream.wait_requests(3).await;
     proxy.stop().await.unwrap();
     hold.store(false, Ordering::SeqCst);

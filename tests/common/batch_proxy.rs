@@ -67,6 +67,14 @@ pub fn sent_per_line(upstream: &MockUpstream) -> HashMap<usize, usize> {
     sent
 }
 
+/// Uploads `lines` numbered chat lines and creates their batch through the Python SDK, as the
+/// caller with `key` at `addr`; returns the batch's id.
+pub async fn sdk_create_batch(addr: &str, key: &str, lines: usize) -> String {
+    let input = super::batch::input_file(&super::batch::numbered_lines("line", lines));
+    let created = python_sdk(addr, key, &["create", input.to_str().unwrap()]).await;
+    created["batch_id"].as_str().unwrap().to_owned()
+}
+
 /// Runs `tests/sdk/batch_python.py` with `args` against the proxy at `addr` as the caller with
 /// `key`, and returns the JSON it printed.
 pub async fn python_sdk(addr: &str, key: &str, args: &[&str]) -> Value {
