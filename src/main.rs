@@ -252,11 +252,14 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stdout);
     match config.log.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => {
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .init();
+            openrouter_proxy::record::access::write_json_to_stdout();
+        }
         LogFormat::Text => builder.init(),
     }
 }

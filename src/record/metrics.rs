@@ -1,13 +1,14 @@
 //! Metric names, the recording helpers the pipeline calls, the bound on model label values, and
 //! the Prometheus recorder the admin listener renders.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Counter, Histogram};
+use metrics::{counter, gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use super::handles::{self, Series};
 use crate::config::Config;
 
 pub const REQUESTS: &str = "openrouter_requests_total";
@@ -138,20 +139,18 @@ pub fn key_up(upstream: &str, key: &str, up: bool) {
 }
 
 pub fn request_started() {
-    gauge!(ACTIVE).increment(1.0);
+    handles::active().increment(1.0);
 }
 
 /// Records a finished request (answered, failed, or abandoned by the client). `model` is a label
 /// value already bounded by [`model_label`].
 pub fn request_finished(
-    route: &Arc<str>,
-    model: &str,
+    series: &Series,
     status: u16,
     duration: Duration,
     first_byte: Option<Duration>,
 ) {
-    gauge!(ACTIVE).decrement(1.0);
-    let series = series(route, model);
+    handles::active().decrement(1.0);
     series.requests(status).increment(1);
     series.latency.record(duration.as_secs_f64());
     if let Some(first_byte) = first_byte {
@@ -159,79 +158,19 @@ pub fn request_finished(
     }
 }
 
-/// The handles recorded into at the end of every request, for one route and model. Looking them up
-/// here costs one hash per level; going through the registry would build and hash owned label sets
-/// for every metric of every request.
-struct Series {
-    route: Arc<str>,
-    model: Arc<str>,
-    latency: Histogram,
-    first_byte: Histogram,
-    by_status: RwLock<HashMap<u16, Counter>>,
-}
-
-impl Series {
-    fn requests(&self, status: u16) -> Counter {
-        let read = self
-            .by_status
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(counter) = read.get(&status) {
-            return counter.clone();
-        }
-        drop(read);
-        let mut write = self
-            .by_status
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        write
-            .entry(status)
-            .or_insert_with(|| {
-                counter!(REQUESTS, "route" => self.route.clone(), "model" => self.model.clone(), "status" => status.to_string())
-            })
-            .clone()
-    }
-}
-
-type SeriesByRoute = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Series>>>;
-
-fn series(route: &Arc<str>, model: &str) -> Arc<Series> {
-    static SERIES: OnceLock<RwLock<SeriesByRoute>> = OnceLock::new();
-    let all = SERIES.get_or_init(RwLock::default);
-    let read = all.read().unwrap_or_else(PoisonError::into_inner);
-    if let Some(series) = read.get(route).and_then(|models| models.get(model)) {
-        return series.clone();
-    }
-    drop(read);
-    let mut write = all.write().unwrap_or_else(PoisonError::into_inner);
-    let model: Arc<str> = Arc::from(model);
-    write
-        .entry(route.clone())
-        .or_default()
-        .entry(model.clone())
-        .or_insert_with(|| {
-            let labels = [("route", route.to_string()), ("model", model.to_string())];
-            Arc::new(Series {
-                route: route.clone(),
-                model,
-                latency: histogram!(LATENCY, &labels),
-                first_byte: histogram!(TIME_TO_FIRST_BYTE, &labels),
-                by_status: RwLock::default(),
-            })
-        })
-        .clone()
+/// The handles of one route and model label (bounded by [`model_label`]).
+pub fn series(route: &str, model: &str) -> Arc<Series> {
+    handles::series(route, model)
 }
 
 /// The proxy's own share of a request's time (see [`OVERHEAD`]'s description).
-pub fn overhead(route: &str, overhead: Duration) {
-    histogram!(OVERHEAD, "route" => route.to_owned()).record(overhead.as_secs_f64());
+pub fn overhead(series: &Series, overhead: Duration) {
+    series.overhead().record(overhead.as_secs_f64());
 }
 
 pub fn upstream_attempt(config: &Config, upstream: &str, model: &str, outcome: &'static str) {
     let model = model_label(config, model);
-    let upstream = upstream.to_owned();
-    counter!(UPSTREAM_ATTEMPTS, "upstream" => upstream, "model" => model, "outcome" => outcome)
-        .increment(1);
+    handles::attempts(upstream, &model, outcome).increment(1);
 }
 
 /// Only models that already have a label are shown: a cool-down of a model counted under `other`
@@ -252,17 +191,15 @@ pub fn fallback(config: &Config, from: &str, to: &str, reason: &str) {
     counter!(FALLBACKS, "from" => from, "to" => to, "reason" => reason.to_owned()).increment(1);
 }
 
-/// Tokens and cost reported by the upstream for one answer. `model` is a label value already
-/// bounded by [`model_label`].
-pub fn usage(model: &str, usage: &crate::sse::Usage) {
-    counter!(TOKENS, "model" => model.to_owned(), "type" => "prompt")
-        .increment(usage.prompt_tokens);
-    counter!(TOKENS, "model" => model.to_owned(), "type" => "completion")
-        .increment(usage.completion_tokens);
+/// Tokens and cost reported by the upstream for one answer, on the series of its model label.
+pub fn usage(series: &Series, usage: &crate::sse::Usage) {
+    let (prompt, completion) = series.tokens();
+    prompt.increment(usage.prompt_tokens);
+    completion.increment(usage.completion_tokens);
     if let Some(cost) = usage.cost.filter(|c| c.is_finite() && *c >= 0.0) {
         // `metrics` counters are integers; a gauge that only ever grows carries the fractional
         // dollars, and `rate()`/`increase()` work on it the same way.
-        gauge!(COST, "model" => model.to_owned()).increment(cost);
+        series.cost().increment(cost);
     }
 }
 
@@ -280,7 +217,7 @@ const MAX_MODEL_LABEL_LEN: usize = 128;
 /// the limit stops new names only.
 #[derive(Default)]
 struct ModelLabels {
-    names: HashSet<Box<str>>,
+    names: HashSet<Arc<str>>,
     /// How many of `names` were admitted against the budget.
     unconfigured: usize,
 }
@@ -291,39 +228,49 @@ fn model_labels() -> &'static RwLock<ModelLabels> {
 }
 
 /// `model` when it already is a label value; `None` when it would be `other` (or is unseen).
-fn admitted_label(model: &str) -> Option<String> {
+fn admitted_label(model: &str) -> Option<Arc<str>> {
     if model.is_empty() {
-        return Some(String::new());
+        return Some(constant_label(""));
     }
     let labels = model_labels()
         .read()
         .unwrap_or_else(PoisonError::into_inner);
-    labels.names.contains(model).then(|| model.to_owned())
+    labels.names.get(model).cloned()
+}
+
+/// `""` or [`OTHER_MODEL`] as a label value, made once.
+fn constant_label(value: &'static str) -> Arc<str> {
+    static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
+    static OTHER: OnceLock<Arc<str>> = OnceLock::new();
+    let cell = if value.is_empty() { &EMPTY } else { &OTHER };
+    cell.get_or_init(|| Arc::from(value)).clone()
 }
 
 /// The value a `model`, `from` or `to` label takes for `model` under `config`: the name itself,
 /// or [`OTHER_MODEL`] once the budget for names the config does not mention is spent.
-pub fn model_label(config: &Config, model: &str) -> String {
+pub fn model_label(config: &Config, model: &str) -> Arc<str> {
     if let Some(label) = admitted_label(model) {
         return label;
     }
     if model.len() > MAX_MODEL_LABEL_LEN {
-        return OTHER_MODEL.to_owned();
+        return constant_label(OTHER_MODEL);
     }
     let configured = names_model(config, model);
     let mut labels = model_labels()
         .write()
         .unwrap_or_else(PoisonError::into_inner);
-    if !labels.names.contains(model) {
-        if !configured {
-            if labels.unconfigured >= config.metrics.max_model_labels {
-                return OTHER_MODEL.to_owned();
-            }
-            labels.unconfigured += 1;
-        }
-        labels.names.insert(model.into());
+    if let Some(label) = labels.names.get(model) {
+        return label.clone();
     }
-    model.to_owned()
+    if !configured {
+        if labels.unconfigured >= config.metrics.max_model_labels {
+            return constant_label(OTHER_MODEL);
+        }
+        labels.unconfigured += 1;
+    }
+    let label: Arc<str> = Arc::from(model);
+    labels.names.insert(label.clone());
+    label
 }
 
 /// Whether `config` names `model` as a route's target, fallback or exact match.
@@ -341,8 +288,8 @@ fn names_model(config: &Config, model: &str) -> bool {
 
 /// `hit`, `miss` or `bypass`, on a route that caches.
 /// `tier` is where a hit came from (`memory`, `redis`), `none` for a miss or a bypass.
-pub fn cache_result(route: &str, result: &'static str, tier: &'static str) {
-    counter!(CACHE, "route" => route.to_owned(), "result" => result, "tier" => tier).increment(1);
+pub fn cache_result(series: &Series, result: &'static str, tier: &'static str) {
+    series.cache(result, tier).increment(1);
 }
 
 /// `size` (pushed out by the byte bound) or `expired` (past its TTL).
@@ -372,16 +319,16 @@ mod tests {
              [[routes]]\nname = \"b\"\nmatch = { model = \"unit-glob/*\" }\n",
         )
         .unwrap();
-        assert_eq!(model_label(&config, "unit-glob/first"), "unit-glob/first");
-        assert_eq!(model_label(&config, "unit-glob/second"), OTHER_MODEL);
+        assert_eq!(&*model_label(&config, "unit-glob/first"), "unit-glob/first");
+        assert_eq!(&*model_label(&config, "unit-glob/second"), OTHER_MODEL);
         // Admitted names stay admitted.
-        assert_eq!(model_label(&config, "unit-glob/first"), "unit-glob/first");
+        assert_eq!(&*model_label(&config, "unit-glob/first"), "unit-glob/first");
         for named in ["unit/target", "unit/backup", "unit-alias"] {
-            assert_eq!(model_label(&config, named), named);
+            assert_eq!(&*model_label(&config, named), named);
         }
         // A glob names no model.
-        assert_eq!(model_label(&config, "unit-glob/*"), OTHER_MODEL);
-        assert_eq!(model_label(&config, ""), "");
+        assert_eq!(&*model_label(&config, "unit-glob/*"), OTHER_MODEL);
+        assert_eq!(&*model_label(&config, ""), "");
         assert_eq!(
             admitted_label("unit/target").as_deref(),
             Some("unit/target")
@@ -393,6 +340,6 @@ mod tests {
     fn overlong_names_are_never_admitted() {
         let config = Config::default();
         let long = format!("unit-long/{}", "x".repeat(MAX_MODEL_LABEL_LEN));
-        assert_eq!(model_label(&config, &long), OTHER_MODEL);
+        assert_eq!(&*model_label(&config, &long), OTHER_MODEL);
     }
 }

@@ -3,6 +3,8 @@
 //! access-log line and its trace span. Never a key, a header value or message content (on the
 //! span only with `[otel] capture_content`).
 
+pub mod access;
+mod handles;
 pub mod metrics;
 mod sink;
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::access::{self, AccessLine};
 use super::metrics;
 use super::{AttemptEvent, CacheResult, Outcome, RequestRecord};
 use crate::telemetry;
@@ -70,6 +71,49 @@ impl RequestRecord {
     }
 }
 
+impl RequestRecord {
+    fn access_line<'a>(
+        &'a self,
+        method: &'a str,
+        status: u16,
+        outcome: &'static str,
+        duration: Duration,
+        overhead: Option<Duration>,
+        trace_id: Option<&'a str>,
+    ) -> AccessLine<'a> {
+        let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+        AccessLine {
+            request_id: &self.request_id,
+            method,
+            path: &self.path,
+            route: &self.route,
+            caller: self.caller.as_deref().unwrap_or(""),
+            requested_model: self.requested_model.as_deref().unwrap_or(""),
+            served_model: self.served_model.as_deref().unwrap_or(""),
+            upstream: self.upstream.as_deref().unwrap_or(""),
+            key: self.key.as_deref().unwrap_or(""),
+            attempts: self.attempts,
+            status,
+            response_status: self.status,
+            outcome,
+            error: self.error.unwrap_or(""),
+            stream_error: self.stream_error.as_deref().unwrap_or(""),
+            ttfb_ms: self.first_byte.map(millis),
+            duration_ms: millis(duration),
+            overhead_ms: overhead.map(millis),
+            prompt_tokens: self.usage.map(|u| u.prompt_tokens),
+            completion_tokens: self.usage.map(|u| u.completion_tokens),
+            cost_usd: self.usage.and_then(|u| u.cost),
+            cache: self.cache.map_or("", CacheResult::header),
+            cache_tier: self.cache_tier.unwrap_or(""),
+            coalesced: self.coalesced,
+            batch_id: self.batch_id.as_deref().unwrap_or(""),
+            bytes: self.bytes,
+            trace_id,
+        }
+    }
+}
+
 impl Drop for RequestRecord {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
@@ -89,62 +133,39 @@ impl Drop for RequestRecord {
             .or(self.requested_model.as_deref())
             .unwrap_or("");
         let label = metrics::model_label(&self.config, model);
+        let series = metrics::series(&self.route, &label);
         self.record_attempts();
-        metrics::request_finished(&self.route, &label, status, duration, self.first_byte);
+        metrics::request_finished(&series, status, duration, self.first_byte);
         // A cache hit consumed nothing upstream: its replayed body carries the original usage,
         // which was counted when that answer was first served.
         if let Some(usage) = &self.usage {
-            metrics::usage(&label, usage);
+            metrics::usage(&series, usage);
         }
         let cost = self.usage.and_then(|u| u.cost);
         if let (Some(hook), Some(cost)) = (self.cost_hook.take(), cost) {
             hook(cost);
         }
         if let Some(result) = self.cache {
-            metrics::cache_result(
-                &self.route,
-                result.label(),
-                self.cache_tier.unwrap_or("none"),
-            );
+            metrics::cache_result(&series, result.label(), self.cache_tier.unwrap_or("none"));
         }
         let overhead = self.overhead();
         // No field without tracing.
         let trace_id = self.span.trace_id();
         if let Some(overhead) = overhead {
-            metrics::overhead(&self.route, overhead);
+            metrics::overhead(&series, overhead);
         }
-        // Never the key, headers or bodies: only what routing and accounting decided.
-        tracing::info!(
-            target: "access",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            route = %self.route,
-            caller = self.caller.as_deref().unwrap_or(""),
-            requested_model = self.requested_model.as_deref().unwrap_or(""),
-            served_model = self.served_model.as_deref().unwrap_or(""),
-            upstream = self.upstream.as_deref().unwrap_or(""),
-            key = self.key.as_deref().unwrap_or(""),
-            attempts = self.attempts,
-            status,
-            response_status = self.status,
-            outcome,
-            error = self.error.unwrap_or(""),
-            stream_error = self.stream_error.as_deref().unwrap_or(""),
-            ttfb_ms = self.first_byte.map(|d| d.as_secs_f64() * 1000.0),
-            duration_ms = duration.as_secs_f64() * 1000.0,
-            overhead_ms = overhead.map(|d| d.as_secs_f64() * 1000.0),
-            prompt_tokens = self.usage.map(|u| u.prompt_tokens),
-            completion_tokens = self.usage.map(|u| u.completion_tokens),
-            cost_usd = self.usage.and_then(|u| u.cost),
-            cache = self.cache.map_or("", CacheResult::header),
-            cache_tier = self.cache_tier.unwrap_or(""),
-            coalesced = self.coalesced,
-            batch_id = self.batch_id.as_deref().unwrap_or(""),
-            bytes = self.bytes,
-            trace_id = trace_id.as_deref(),
-            "request"
-        );
+        if access::enabled() {
+            let method = self.method.as_str();
+            self.access_line(
+                method,
+                status,
+                outcome,
+                duration,
+                overhead,
+                trace_id.as_deref(),
+            )
+            .write();
+        }
         self.end_span(status);
     }
 }

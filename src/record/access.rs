@@ -1,0 +1,228 @@
+//! The access-log line, one per request. With the JSON log format on standard output it is
+//! serialized from a struct into a reused buffer and written in one call: the same line the
+//! `tracing` JSON formatter writes (timestamp, level, message, the fields, target), without
+//! formatting each field through `Debug` into a string of its own. Otherwise (the text format,
+//! or a program embedding the proxy with its own subscriber) the line is a `tracing` event.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+
+static DIRECT_JSON: AtomicBool = AtomicBool::new(false);
+
+/// Says that the process logs JSON lines to standard output through `tracing-subscriber`'s JSON
+/// formatter (flattened events, no span): access lines are then written directly in that shape.
+pub fn write_json_to_stdout() {
+    DIRECT_JSON.store(true, Ordering::Relaxed);
+}
+
+/// Whether the log filter lets the access line through (`info` for target `access`).
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
+/// The fields of the line, in the order they are written. Never the key, headers or bodies:
+/// only what routing and accounting decided.
+#[derive(Serialize)]
+pub struct AccessLine<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub caller: &'a str,
+    pub requested_model: &'a str,
+    pub served_model: &'a str,
+    pub upstream: &'a str,
+    pub key: &'a str,
+    pub attempts: usize,
+    pub status: u16,
+    pub response_status: u16,
+    pub outcome: &'static str,
+    pub error: &'a str,
+    pub stream_error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttfb_ms: Option<f64>,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overhead_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    pub cache: &'a str,
+    pub cache_tier: &'a str,
+    pub coalesced: bool,
+    pub batch_id: &'a str,
+    pub bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<&'a str>,
+}
+
+/// The line as a whole: what the `tracing` formatter puts around the fields.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    timestamp: &'a str,
+    level: &'static str,
+    message: &'static str,
+    #[serde(flatten)]
+    fields: &'a AccessLine<'a>,
+    target: &'static str,
+}
+
+impl AccessLine<'_> {
+    /// Writes the line (the caller checked [`enabled`]).
+    pub fn write(&self) {
+        if DIRECT_JSON.load(Ordering::Relaxed) {
+            self.write_json();
+        } else {
+            self.event();
+        }
+    }
+
+    fn write_json(&self) {
+        thread_local! {
+            static BUFFERS: RefCell<(String, Vec<u8>)> = RefCell::default();
+        }
+        BUFFERS.with_borrow_mut(|(timestamp, line)| {
+            timestamp.clear();
+            line.clear();
+            let _ = SystemTime.format_time(&mut Writer::new(timestamp));
+            if self.serialize(timestamp, line).is_ok() {
+                // As the formatter does: one write under the lock, so lines never interleave.
+                let _ = std::io::stdout().lock().write_all(line);
+            }
+        });
+    }
+
+    /// The line with its newline, as the `tracing` JSON formatter writes it.
+    fn serialize(&self, timestamp: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        let envelope = Envelope {
+            timestamp,
+            level: "INFO",
+            message: "request",
+            fields: self,
+            target: "access",
+        };
+        serde_json::to_writer(&mut *out, &envelope)?;
+        out.push(b'\n');
+        Ok(())
+    }
+
+    fn event(&self) {
+        tracing::info!(
+            target: "access",
+            request_id = self.request_id,
+            method = self.method,
+            path = self.path,
+            route = self.route,
+            caller = self.caller,
+            requested_model = self.requested_model,
+            served_model = self.served_model,
+            upstream = self.upstream,
+            key = self.key,
+            attempts = self.attempts,
+            status = self.status,
+            response_status = self.response_status,
+            outcome = self.outcome,
+            error = self.error,
+            stream_error = self.stream_error,
+            ttfb_ms = self.ttfb_ms,
+            duration_ms = self.duration_ms,
+            overhead_ms = self.overhead_ms,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            cost_usd = self.cost_usd,
+            cache = self.cache,
+            cache_tier = self.cache_tier,
+            coalesced = self.coalesced,
+            batch_id = self.batch_id,
+            bytes = self.bytes,
+            trace_id = self.trace_id,
+            "request"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What the `tracing` JSON formatter, set up as the binary sets it up, writes for `line`.
+    fn formatted_by_tracing(line: &AccessLine<'_>) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.event());
+        let bytes = buffer.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    fn sample(usage: bool) -> AccessLine<'static> {
+        AccessLine {
+            request_id: "18ed65f612555539\"00000000",
+            method: "POST",
+            path: "/v1/chat/completions",
+            route: "fast",
+            caller: "team-a",
+            requested_model: "fast",
+            served_model: "openai/gpt-4o-mini",
+            upstream: "default",
+            key: "primary",
+            attempts: 2,
+            status: 200,
+            response_status: 200,
+            outcome: "complete",
+            error: "",
+            stream_error: "cut \u{1} short",
+            ttfb_ms: Some(0.264_163),
+            duration_ms: 0.058_869_000_000_000_005,
+            overhead_ms: usage.then_some(1e-7),
+            prompt_tokens: usage.then_some(10),
+            completion_tokens: usage.then_some(20),
+            cost_usd: usage.then_some(0.000_123),
+            cache: "MISS",
+            cache_tier: "",
+            coalesced: false,
+            batch_id: "",
+            bytes: 1234,
+            trace_id: usage.then_some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        }
+    }
+
+    #[test]
+    fn the_direct_line_is_the_line_tracing_writes() {
+        for usage in [false, true] {
+            let line = sample(usage);
+            let expected = formatted_by_tracing(&line);
+            let value: serde_json::Value = serde_json::from_str(&expected).unwrap();
+            let timestamp = value["timestamp"].as_str().unwrap();
+            let mut direct = Vec::new();
+            line.serialize(timestamp, &mut direct).unwrap();
+            assert_eq!(String::from_utf8(direct).unwrap(), expected);
+        }
+    }
+}
