@@ -1,7 +1,7 @@
 //! Micro-benchmarks of the per-request work the proxy does on its own: routing over a large rule
 //! table, reading the request facts from a JSON body, rewriting the model without re-encoding the
-//! rest, and scanning a streamed answer. Run with `scripts/bench` or
-//! `cargo bench --bench hot_path`; under `cargo test` each runs once as a smoke test.
+//! rest, scanning a streamed answer, and formatting the access-log line. Run with `scripts/bench`
+//! or `cargo bench --bench hot_path`; under `cargo test` each runs once as a smoke test.
 
 #![allow(
     clippy::unwrap_used,
@@ -18,9 +18,12 @@ use divan::{black_box, Bencher};
 use http::{HeaderMap, HeaderValue};
 use openrouter_proxy::cache::CacheKey;
 use openrouter_proxy::pipeline::body::JsonBody;
+use openrouter_proxy::record::access::AccessLine;
 use openrouter_proxy::runtime::router::{RequestFacts, Router};
 use openrouter_proxy::sse::Scanner;
 use openrouter_proxy::Config;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 
 fn main() {
     divan::main();
@@ -293,5 +296,72 @@ fn cache_key_100kb(bencher: Bencher) {
             black_box(&body),
         )
         .unwrap()
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Access log
+
+/// A complete request's line: every field set, as for a streamed answer with usage.
+fn access_line() -> AccessLine<'static> {
+    AccessLine {
+        request_id: "18ed65f61255553900000000",
+        method: "POST",
+        path: "/v1/chat/completions",
+        route: "fast",
+        caller: "team-a",
+        requested_model: "fast",
+        served_model: "openai/gpt-4o-mini",
+        upstream: "default",
+        key: "primary",
+        attempts: 1,
+        status: 200,
+        response_status: 200,
+        outcome: "complete",
+        error: "",
+        stream_error: "",
+        ttfb_ms: Some(0.264_163),
+        duration_ms: 0.265_354,
+        overhead_ms: Some(0.046_906),
+        prompt_tokens: Some(512),
+        completion_tokens: Some(128),
+        cost_usd: Some(0.000_123),
+        cache: "MISS",
+        cache_tier: "",
+        coalesced: false,
+        batch_id: "",
+        bytes: 1234,
+        trace_id: None,
+    }
+}
+
+/// The access-log line through `tracing-subscriber`'s JSON formatter, set up as the binary sets
+/// it up, into a sink: how every line was written before.
+#[divan::bench]
+fn access_line_tracing_formatter(bencher: Bencher) {
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::sink)
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .finish();
+    let line = access_line();
+    tracing::subscriber::with_default(subscriber, || {
+        bencher.bench_local(|| black_box(&line).event());
+    });
+}
+
+/// The same line with its timestamp serialized directly into a reused buffer, as the binary now
+/// writes it (the write to standard output is the same one call in both).
+#[divan::bench]
+fn access_line_direct(bencher: Bencher) {
+    let line = access_line();
+    let (mut timestamp, mut out) = (String::new(), Vec::new());
+    bencher.bench_local(|| {
+        timestamp.clear();
+        out.clear();
+        let _ = SystemTime.format_time(&mut Writer::new(&mut timestamp));
+        black_box(&line).json_line(&timestamp, &mut out).unwrap();
+        out.len()
     });
 }

@@ -123,10 +123,15 @@ pub fn api_path(path: &str) -> Result<&str, ProxyError> {
 /// Rejects client paths that could leave `base_url`: dot segments, encoded slashes or dots, and
 /// backslashes, in any spelling.
 pub fn check_path(rest: &str) -> bool {
-    let lower = rest.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains("%2e")
+    // An encoded `/`, `\\` or `.` could smuggle a segment past the checks below.
+    let encoded_separator = rest.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                (w[1], w[2].to_ascii_lowercase()),
+                (b'2', b'f' | b'e') | (b'5', b'c')
+            )
+    });
+    if encoded_separator
         || rest.contains(['\\', '?', '#'])
         || !(rest.is_empty() || rest.starts_with('/'))
     {

@@ -155,13 +155,13 @@ fn streams_through(method: &Method, rest: &str, headers: &HeaderMap) -> bool {
 }
 
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json" || essence.ends_with("+json")
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    let suffix = essence
+        .len()
+        .checked_sub(5)
+        .and_then(|at| essence.get(at..));
+    essence.eq_ignore_ascii_case("application/json")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case("+json"))
 }
 
 /// Endpoints whose body must be JSON naming a model.
@@ -205,4 +205,31 @@ fn parse_json(
         return Err(ProxyError::MissingModel);
     }
     Ok(Some(json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json;
+
+    #[test]
+    fn json_media_types_in_any_case() {
+        for yes in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            " application/vnd.api+json ;x=1",
+            "text/x+JSON",
+        ] {
+            assert!(is_json(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "json",
+            "+jso",
+            "text/plain",
+            "application/jsonl",
+            "multipart/form-data",
+        ] {
+            assert!(!is_json(no), "{no}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
@@ -18,7 +18,7 @@ use crate::cache::StreamRecorder;
 use crate::error::ProxyError;
 use crate::record::{Outcome, RequestRecord};
 use crate::shape::Shape;
-use crate::sse::{Scanner, WINDOW};
+use crate::sse::{Passed, Scanner, WholeEvents};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -69,7 +69,7 @@ pub struct Relay {
     resuming: Option<ResumeFuture>,
     /// While resuming is possible, only whole events are sent, so that a cut mid-event can be
     /// continued cleanly; this is the unfinished tail.
-    tail: BytesMut,
+    tail: WholeEvents,
     /// Copies a cacheable stream until its `[DONE]`.
     recorder: Option<StreamRecorder>,
 }
@@ -90,7 +90,7 @@ impl Relay {
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             resume: None,
             resuming: None,
-            tail: BytesMut::new(),
+            tail: WholeEvents::default(),
             recorder: None,
         }
     }
@@ -127,19 +127,15 @@ impl Relay {
         if self.resume.is_none() {
             return Some(data);
         }
-        self.tail.extend_from_slice(&data);
-        match boundary {
-            Some(end) => {
-                let keep = data.len() - end;
-                Some(self.tail.split_to(self.tail.len() - keep).freeze())
-            }
+        match self.tail.pass(data, boundary) {
+            Passed::Events(events) => Some(events),
+            Passed::Held => None,
             // One event larger than the scanner's window is not held whole: it goes out as it
             // comes, and a break in it can no longer be resumed cleanly.
-            None if self.tail.len() > WINDOW => {
+            Passed::Overlong(held) => {
                 self.resume = None;
-                Some(self.tail.split().freeze())
+                Some(held)
             }
-            None => None,
         }
     }
 
@@ -426,7 +422,7 @@ impl Body for ProxyBody {
                 Poll::Ready(None) => {
                     if !relay.truncated() {
                         if !relay.tail.is_empty() {
-                            let rest = relay.tail.split().freeze();
+                            let rest = relay.tail.take();
                             return this.deliver(rest);
                         }
                         let outcome = relay.ended();

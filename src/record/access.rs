@@ -93,15 +93,15 @@ impl AccessLine<'_> {
             timestamp.clear();
             line.clear();
             let _ = SystemTime.format_time(&mut Writer::new(timestamp));
-            if self.serialize(timestamp, line).is_ok() {
+            if self.json_line(timestamp, line).is_ok() {
                 // As the formatter does: one write under the lock, so lines never interleave.
                 let _ = std::io::stdout().lock().write_all(line);
             }
         });
     }
 
-    /// The line with its newline, as the `tracing` JSON formatter writes it.
-    fn serialize(&self, timestamp: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
+    /// The line with its newline, as the `tracing` JSON formatter writes it, appended to `out`.
+    pub fn json_line(&self, timestamp: &str, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let envelope = Envelope {
             timestamp,
             level: "INFO",
@@ -114,7 +114,8 @@ impl AccessLine<'_> {
         Ok(())
     }
 
-    fn event(&self) {
+    /// The line as a `tracing` event, for whatever subscriber is installed.
+    pub fn event(&self) {
         tracing::info!(
             target: "access",
             request_id = self.request_id,
@@ -221,7 +222,7 @@ mod tests {
             let value: serde_json::Value = serde_json::from_str(&expected).unwrap();
             let timestamp = value["timestamp"].as_str().unwrap();
             let mut direct = Vec::new();
-            line.serialize(timestamp, &mut direct).unwrap();
+            line.json_line(timestamp, &mut direct).unwrap();
             assert_eq!(String::from_utf8(direct).unwrap(), expected);
         }
     }

@@ -7,12 +7,14 @@
 mod chat;
 mod messages;
 mod responses;
+mod whole;
 
 use memchr::memmem;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 pub use crate::shape::Shape;
+pub use whole::{Passed, WholeEvents};
 
 /// The most of one line, or of one event's data, the scanner keeps to classify it. The events
 /// that matter (usage, errors, the end of a stream, even a Responses API `response.completed`
