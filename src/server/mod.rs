@@ -44,6 +44,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let settings = shared.runtime.load().config.server.clone();
+    // Dropped (and so stopped) when `run` ends.
+    let mut background = JoinSet::new();
+    background.spawn(heartbeat());
     let keys = Arc::new(CallerKeys::default());
     let live = Arc::new(AtomicUsize::new(0));
     let batch = start_batch(&shared, &keys, &live)?;
@@ -108,6 +111,21 @@ pub async fn run(
     drain(connections, batch.as_deref(), settings.shutdown_grace).await;
     admin.abort();
     Ok(())
+}
+
+/// How often the runtime's time driver is woken by a timer of its own, at most.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`HEARTBEAT`]. Tokio wakes its time driver (an eventfd write, then
+/// one more turn of the event loop) whenever a timer is set to fire before the driver's planned
+/// wake-up; with no timer near, every request's header-read and first-byte timers (seconds
+/// long) would each do that. A tick a second costs nothing by comparison.
+async fn heartbeat() {
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// Lets the open connections and the batch lines in flight finish within `grace`, side by side;
