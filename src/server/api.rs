@@ -101,13 +101,16 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ApiResponseBody>, Infallible> {
     let live = LiveRequest::new(&api.live);
+    // The request's work is boxed: hyper keeps room for this future for as long as the connection
+    // lives, so it stays a few words instead of the size of the pipeline's largest state.
     let (answer, record) = match &api.batch {
         Some(batch) if crate::batch::owns(request.uri().path()) => {
-            let (answer, record) = batch_api(&api, batch, request).await;
+            let (answer, record) = Box::pin(batch_api(&api, batch, request)).await;
             (answer, Some(record))
         }
         _ => {
-            let Ok(response) = crate::pipeline::handle(api.shared.clone(), request).await;
+            let handled = Box::pin(crate::pipeline::handle(api.shared.clone(), request));
+            let Ok(response) = handled.await;
             (response.map(Either::Left), None)
         }
     };
