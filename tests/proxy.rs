@@ -473,6 +473,23 @@ async fn h2c_clients_are_served() {
     assert!(std::str::from_utf8(&body).unwrap().contains("gpt-4o-mini"));
 }
 
+/// The version is told by peeking at the first bytes: a preface that arrives in pieces is still
+/// HTTP/2 (the pause makes the proxy see part of it first), and hyper then reads it whole.
+#[tokio::test]
+async fn an_h2_preface_sent_in_pieces_is_served_as_http2() {
+    let upstream = MockUpstream::openai_like().await;
+    let proxy = TestProxy::start(&upstream, "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
+    // An empty SETTINGS frame.
+    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut frame = [0u8; 9];
+    stream.read_exact(&mut frame).await.unwrap();
+    assert_eq!(frame[3], 4, "the server's first frame is its SETTINGS: {frame:?}");
+}
+
 #[tokio::test]
 async fn admin_endpoints() {
     let upstream = MockUpstream::openai_like().await;

@@ -13,10 +13,11 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
+
+use super::version::{self, Builders, Served};
 
 /// Shared by every connection of one listener: raised while the listener is at its connection
 /// cap, so that connections with nothing in flight close and make room (what nginx does with its
@@ -123,7 +124,7 @@ pub(crate) struct ConnPolicy {
 /// deadline, or it is asked to close (drain, or pressure while idle).
 pub(crate) async fn serve<H, F, B>(
     stream: TcpStream,
-    builder: auto::Builder<TokioExecutor>,
+    builders: Builders,
     policy: ConnPolicy,
     handle: H,
 ) where
@@ -152,8 +153,10 @@ pub(crate) async fn serve<H, F, B>(
             }
         })
     };
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
+    // The version is told first (within the head deadline like the head itself), then the
+    // connection is served in it.
+    let mut stream = Some(stream);
+    let mut connection: Option<Served<_, _>> = None;
     let ConnPolicy {
         pressure,
         mut drain,
@@ -170,13 +173,31 @@ pub(crate) async fn serve<H, F, B>(
         if !closing && asked && conn.in_flight.load(Ordering::SeqCst) == 0 {
             if started {
                 closing = true;
-                connection.as_mut().graceful_shutdown();
+                if let Some(connection) = &mut connection {
+                    connection.graceful_shutdown();
+                }
             } else if silent {
                 return;
             }
         }
         tokio::select! {
-            result = connection.as_mut() => {
+            h2 = version::is_h2(stream.as_ref()), if connection.is_none() => {
+                let (Ok(h2), Some(stream)) = (h2, stream.take()) else {
+                    return;
+                };
+                let (io, service) = (TokioIo::new(stream), service.clone());
+                connection = Some(if h2 {
+                    Served::Http2(Box::pin(builders.http2.serve_connection(io, service)))
+                } else {
+                    Served::Http1(Box::pin(builders.http1.serve_connection(io, service)))
+                });
+            }
+            result = async {
+                match connection.as_mut() {
+                    Some(connection) => connection.await,
+                    None => std::future::pending().await,
+                }
+            }, if connection.is_some() => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "client connection ended with an error");
                 }
@@ -198,32 +219,4 @@ pub(crate) async fn serve<H, F, B>(
             () = conn.idle.notified() => {}
         }
     }
-}
-
-/// A builder with the proxy's HTTP/1.1 and HTTP/2 settings for a listener.
-pub(crate) fn builder(
-    header_read_timeout: Duration,
-    max_header_bytes: usize,
-    max_headers: usize,
-    h2_streams: u32,
-) -> auto::Builder<TokioExecutor> {
-    use hyper_util::rt::TokioTimer;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Also closes keep-alive connections that stay idle this long before their next request.
-        .header_read_timeout(header_read_timeout)
-        .max_buf_size(max_header_bytes)
-        .max_headers(max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(h2_streams)
-        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
-        // Pings find dead peers of long streams; an unanswered ping closes the connection.
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
 }

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 pub mod admin;
 mod api;
 mod connection;
+mod version;
 
 use crate::batch::{BatchService, RedisStore};
 use crate::config::ServerConfig;
@@ -202,10 +203,8 @@ fn policy(settings: &ServerConfig, drain: watch::Receiver<bool>) -> ConnPolicy {
     }
 }
 
-fn builder(
-    settings: &ServerConfig,
-) -> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
-    crate::server::connection::builder(
+fn builder(settings: &ServerConfig) -> version::Builders {
+    version::Builders::new(
         settings.header_read_timeout,
         settings.max_header_bytes,
         settings.max_headers,
@@ -218,7 +217,7 @@ struct Accept {
     name: &'static str,
     max_connections: usize,
     policy: ConnPolicy,
-    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    builder: version::Builders,
 }
 
 impl Accept {
