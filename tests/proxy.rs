@@ -484,10 +484,16 @@ async fn an_h2_preface_sent_in_pieces_is_served_as_http2() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     stream.write_all(b"\r\nSM\r\n\r\n").await.unwrap();
     // An empty SETTINGS frame.
-    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    stream
+        .write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .unwrap();
     let mut frame = [0u8; 9];
     stream.read_exact(&mut frame).await.unwrap();
-    assert_eq!(frame[3], 4, "the server's first frame is its SETTINGS: {frame:?}");
+    assert_eq!(
+        frame[3], 4,
+        "the server's first frame is its SETTINGS: {frame:?}"
+    );
 }
 
 #[tokio::test]

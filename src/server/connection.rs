@@ -192,12 +192,7 @@ pub(crate) async fn serve<H, F, B>(
                     Served::Http1(Box::pin(builders.http1.serve_connection(io, service)))
                 });
             }
-            result = async {
-                match connection.as_mut() {
-                    Some(connection) => connection.await,
-                    None => std::future::pending().await,
-                }
-            }, if connection.is_some() => {
+            result = version::drive(&mut connection), if connection.is_some() => {
                 if let Err(error) = result {
                     tracing::debug!(%error, "client connection ended with an error");
                 }

@@ -101,3 +101,15 @@ where
         }
     }
 }
+
+/// Serves `connection` until it ends; without one (the version not told yet), never resolves.
+pub(crate) async fn drive<A, B, T>(connection: &mut Option<Served<A, B>>) -> T
+where
+    A: Future<Output = T>,
+    B: Future<Output = T>,
+{
+    match connection {
+        Some(connection) => connection.await,
+        None => std::future::pending().await,
+    }
+}
