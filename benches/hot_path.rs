@@ -302,50 +302,15 @@ fn cache_key_100kb(bencher: Bencher) {
 // ---------------------------------------------------------------------------------------------
 // Access log
 
-/// A complete request's line: every field set, as for a streamed answer with usage.
-fn access_line() -> AccessLine<'static> {
-    AccessLine {
-        request_id: "18ed65f61255553900000000",
-        method: "POST",
-        path: "/v1/chat/completions",
-        route: "fast",
-        caller: "team-a",
-        requested_model: "fast",
-        served_model: "openai/gpt-4o-mini",
-        upstream: "default",
-        key: "primary",
-        attempts: 1,
-        status: 200,
-        response_status: 200,
-        outcome: "complete",
-        error: "",
-        stream_error: "",
-        ttfb_ms: Some(0.264_163),
-        duration_ms: 0.265_354,
-        overhead_ms: Some(0.046_906),
-        prompt_tokens: Some(512),
-        completion_tokens: Some(128),
-        cost_usd: Some(0.000_123),
-        cache: "MISS",
-        cache_tier: "",
-        coalesced: false,
-        batch_id: "",
-        bytes: 1234,
-        trace_id: None,
-    }
-}
-
 /// The access-log line through `tracing-subscriber`'s JSON formatter, set up as the binary sets
 /// it up, into a sink: how every line was written before.
 #[divan::bench]
 fn access_line_tracing_formatter(bencher: Bencher) {
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(std::io::sink)
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .finish();
-    let line = access_line();
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let layer = tracing_subscriber::fmt::layer().json();
+    let layer = layer.flatten_event(true).with_current_span(false);
+    let subscriber = tracing_subscriber::registry().with(layer.with_writer(std::io::sink));
+    let line = AccessLine::example();
     tracing::subscriber::with_default(subscriber, || {
         bencher.bench_local(|| black_box(&line).event());
     });
@@ -355,7 +320,7 @@ fn access_line_tracing_formatter(bencher: Bencher) {
 /// writes it (the write to standard output is the same one call in both).
 #[divan::bench]
 fn access_line_direct(bencher: Bencher) {
-    let line = access_line();
+    let line = AccessLine::example();
     let (mut timestamp, mut out) = (String::new(), Vec::new());
     bencher.bench_local(|| {
         timestamp.clear();

@@ -64,6 +64,43 @@ pub struct AccessLine<'a> {
     pub trace_id: Option<&'a str>,
 }
 
+impl AccessLine<'static> {
+    /// A complete request's line with every field set, as for a streamed answer with usage (for
+    /// tests and benchmarks).
+    #[doc(hidden)]
+    pub fn example() -> AccessLine<'static> {
+        AccessLine {
+            request_id: "18ed65f61255553900000000",
+            method: "POST",
+            path: "/v1/chat/completions",
+            route: "fast",
+            caller: "team-a",
+            requested_model: "fast",
+            served_model: "openai/gpt-4o-mini",
+            upstream: "default",
+            key: "primary",
+            attempts: 1,
+            status: 200,
+            response_status: 200,
+            outcome: "complete",
+            error: "",
+            stream_error: "",
+            ttfb_ms: Some(0.264_163),
+            duration_ms: 0.265_354,
+            overhead_ms: Some(0.046_906),
+            prompt_tokens: Some(512),
+            completion_tokens: Some(128),
+            cost_usd: Some(0.000_123),
+            cache: "MISS",
+            cache_tier: "",
+            coalesced: false,
+            batch_id: "",
+            bytes: 1234,
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        }
+    }
+}
+
 /// The line as a whole: what the `tracing` formatter puts around the fields.
 #[derive(Serialize)]
 struct Envelope<'a> {
@@ -182,36 +219,20 @@ mod tests {
         String::from_utf8(bytes).unwrap()
     }
 
+    /// The example line, with characters that need escaping and, without `usage`, none of
+    /// the optional fields.
     fn sample(usage: bool) -> AccessLine<'static> {
-        AccessLine {
-            request_id: "18ed65f612555539\"00000000",
-            method: "POST",
-            path: "/v1/chat/completions",
-            route: "fast",
-            caller: "team-a",
-            requested_model: "fast",
-            served_model: "openai/gpt-4o-mini",
-            upstream: "default",
-            key: "primary",
-            attempts: 2,
-            status: 200,
-            response_status: 200,
-            outcome: "complete",
-            error: "",
-            stream_error: "cut \u{1} short",
-            ttfb_ms: Some(0.264_163),
-            duration_ms: 0.058_869_000_000_000_005,
-            overhead_ms: usage.then_some(1e-7),
-            prompt_tokens: usage.then_some(10),
-            completion_tokens: usage.then_some(20),
-            cost_usd: usage.then_some(0.000_123),
-            cache: "MISS",
-            cache_tier: "",
-            coalesced: false,
-            batch_id: "",
-            bytes: 1234,
-            trace_id: usage.then_some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        let mut line = AccessLine::example();
+        line.request_id = "18ed65f612555539\"00000000";
+        line.stream_error = "cut \u{1} short";
+        if !usage {
+            line.overhead_ms = None;
+            line.prompt_tokens = None;
+            line.completion_tokens = None;
+            line.cost_usd = None;
+            line.trace_id = None;
         }
+        line
     }
 
     #[test]

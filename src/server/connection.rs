@@ -13,11 +13,10 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
-use super::version::{self, Builders, Served};
+use super::version::{self, Builders};
 
 /// Shared by every connection of one listener: raised while the listener is at its connection
 /// cap, so that connections with nothing in flight close and make room (what nginx does with its
@@ -86,6 +85,15 @@ pub(crate) struct Tracked<B> {
     _in_flight: InFlight,
 }
 
+impl<B> Tracked<B> {
+    fn new(body: B, in_flight: InFlight) -> Tracked<B> {
+        Tracked {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
 impl<B: Body + Unpin> Body for Tracked<B> {
     type Data = B::Data;
     type Error = B::Error;
@@ -146,22 +154,15 @@ pub(crate) async fn serve<H, F, B>(
             let answer = handle(request);
             async move {
                 let response = answer.await?;
-                Ok::<_, Infallible>(response.map(|body| Tracked {
-                    body,
-                    _in_flight: in_flight,
-                }))
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
             }
         })
     };
     // The version is told first (within the head deadline like the head itself), then the
     // connection is served in it.
     let mut stream = Some(stream);
-    let mut connection: Option<Served<_, _>> = None;
-    let ConnPolicy {
-        pressure,
-        mut drain,
-        ..
-    } = policy;
+    let mut connection: Option<version::Connection<_>> = None;
+    let (pressure, mut drain) = (policy.pressure, policy.drain);
     let (mut closing, mut draining) = (false, *drain.borrow());
     loop {
         let reclaim = pressure.notify.notified();
@@ -171,26 +172,19 @@ pub(crate) async fn serve<H, F, B>(
         let asked = pressure.is_raised() || draining;
         let silent = tokio::time::Instant::now() >= silent_at;
         if !closing && asked && conn.in_flight.load(Ordering::SeqCst) == 0 {
-            if started {
-                closing = true;
-                if let Some(connection) = &mut connection {
-                    connection.graceful_shutdown();
-                }
-            } else if silent {
-                return;
+            match &mut connection {
+                Some(connection) if started => connection.graceful_shutdown(),
+                _ if silent => return,
+                _ => {}
             }
+            closing = started;
         }
         tokio::select! {
             h2 = version::is_h2(stream.as_ref()), if connection.is_none() => {
                 let (Ok(h2), Some(stream)) = (h2, stream.take()) else {
                     return;
                 };
-                let (io, service) = (TokioIo::new(stream), service.clone());
-                connection = Some(if h2 {
-                    Served::Http2(Box::pin(builders.http2.serve_connection(io, service)))
-                } else {
-                    Served::Http1(Box::pin(builders.http1.serve_connection(io, service)))
-                });
+                connection = Some(builders.serve(h2, stream, service.clone()));
             }
             result = version::drive(&mut connection), if connection.is_some() => {
                 if let Err(error) = result {

@@ -9,8 +9,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::rt::bounds::Http2ServerConnExec;
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpStream;
 
@@ -48,6 +52,31 @@ impl Builders {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
         Builders { http1, http2 }
+    }
+}
+
+/// A client connection served by hyper.
+pub(crate) type Connection<S> = Served<
+    http1::Connection<TokioIo<TcpStream>, S>,
+    http2::Connection<TokioIo<TcpStream>, S, TokioExecutor>,
+>;
+
+impl Builders {
+    /// Serves `stream` with `service` in HTTP/2 (`h2`) or HTTP/1.1.
+    pub(crate) fn serve<S, B>(&self, h2: bool, stream: TcpStream, service: S) -> Connection<S>
+    where
+        S: HttpService<Incoming, ResBody = B>,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        TokioExecutor: Http2ServerConnExec<S::Future, B>,
+    {
+        let io = TokioIo::new(stream);
+        if h2 {
+            Served::Http2(Box::pin(self.http2.serve_connection(io, service)))
+        } else {
+            Served::Http1(Box::pin(self.http1.serve_connection(io, service)))
+        }
     }
 }
 
