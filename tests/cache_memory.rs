@@ -11,18 +11,6 @@ use common::*;
 
 const MAX_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The resident memory of process `pid`, in bytes.
-fn rss_of(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// Sends `count` distinct cacheable prompts, `concurrency` at a time.
 async fn fill(api: &str, from: usize, count: usize, concurrency: usize) {
     let url = Arc::new(format!("http://{api}/v1/chat/completions"));

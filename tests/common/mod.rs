@@ -836,13 +836,22 @@ impl TestProxy {
 
 /// This process's resident set size in bytes, from `/proc/self/status`.
 pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: u64 = status
+    rss_at("/proc/self/status")
+}
+
+/// The resident set size of process `pid` in bytes.
+pub fn rss_of(pid: u32) -> u64 {
+    rss_at(&format!("/proc/{pid}/status"))
+}
+
+fn rss_at(status: &str) -> u64 {
+    let text = std::fs::read_to_string(status).unwrap();
+    let kib: u64 = text
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .expect("no VmRSS in /proc/self/status");
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
     kib * 1024
 }
 
