@@ -55,16 +55,11 @@ async fn resident_memory_stays_within_the_cache_bound() {
         Reply::Json(200, chat_completion("m", &content))
     })
     .await;
-    let key = temp_file("key", TEST_KEY);
-    let config = temp_file(
-        "proxy.toml",
+    let config = proxy_config_file(
+        &upstream.url(),
         &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\
-             [cache]\nmax_bytes = {MAX_BYTES}\n\
-             [[routes]]\nname = \"cached\"\nmatch = {{ model = \"cached\" }}\nmodel = \"m\"\ncache_ttl = \"1h\"\n",
-            upstream.url(),
-            key.display()
+            "[cache]\nmax_bytes = {MAX_BYTES}\n\
+             [[routes]]\nname = \"cached\"\nmatch = {{ model = \"cached\" }}\nmodel = \"m\"\ncache_ttl = \"1h\"\n"
         ),
     );
     let proxy = BinaryProxy::spawn(&config, &["--no-watch"]).await;

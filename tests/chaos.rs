@@ -575,16 +575,7 @@ async fn slowloris_beyond_the_connection_limit_only_delays_others() {
 #[tokio::test]
 async fn the_binary_listens_with_a_deep_accept_queue() {
     let upstream = MockUpstream::openai_like().await;
-    let key = temp_file("key", TEST_KEY);
-    let config = temp_file(
-        "proxy.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
-            upstream.url(),
-            key.display()
-        ),
-    );
+    let config = proxy_config_file(&upstream.url(), "");
     let proxy = BinaryProxy::spawn(&config, &[]).await;
     let api: std::net::SocketAddr = proxy.api.parse().unwrap();
     // For a listening socket, `ss` shows the accept queue's size as Send-Q.

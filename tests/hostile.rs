@@ -258,16 +258,7 @@ async fn admin_connections_are_capped_and_timed_out() {
 #[tokio::test]
 async fn admin_connections_cannot_starve_the_api_of_descriptors() {
     let upstream = MockUpstream::openai_like().await;
-    let key = temp_file("key", TEST_KEY);
-    let config = temp_file(
-        "proxy.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nheader_read_timeout = \"60s\"\n\
-             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
-            upstream.url(),
-            key.display()
-        ),
-    );
+    let config = proxy_config_file(&upstream.url(), "[server]\nheader_read_timeout = \"60s\"\n");
     let proxy = BinaryProxy::spawn_with(
         &["prlimit", "--nofile=256:256", "--"],
         &config,

@@ -9,15 +9,9 @@ use common::*;
 #[tokio::test]
 async fn sigterm_drains_an_open_stream_then_exits_zero() {
     let (upstream, tx, _closed) = upstream_with_stream().await;
-    let key = temp_file("key", TEST_KEY);
-    let config = temp_file(
-        "proxy.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\nshutdown_grace = \"60s\"\n\
-             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n",
-            upstream.url(),
-            key.display()
-        ),
+    let config = proxy_config_file(
+        &upstream.url(),
+        "[server]\ndrain_delay = \"0s\"\nshutdown_grace = \"60s\"\n",
     );
     let proxy = BinaryProxy::spawn(&config, &[]).await;
     let (api, admin) = (proxy.api.clone(), proxy.admin.clone());

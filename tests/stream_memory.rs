@@ -55,15 +55,9 @@ async fn an_open_stream_costs_the_proxy_little_memory() {
         })
         .await
     };
-    let key = temp_file("key", TEST_KEY);
-    let config = temp_file(
-        "proxy.toml",
-        &format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n\
-             [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n[log]\nlevel = \"warn,openrouter_proxy=info\"\n",
-            upstream.url(),
-            key.display()
-        ),
+    let config = proxy_config_file(
+        &upstream.url(),
+        "[server]\ndrain_delay = \"0s\"\n[log]\nlevel = \"warn,openrouter_proxy=info\"\n",
     );
     let proxy = BinaryProxy::spawn(&config, &["--no-watch"]).await;
     let pid = proxy.child.id().unwrap();

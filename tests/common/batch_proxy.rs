@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use serde_json::Value;
 
 use super::{
-    chat_completion, python, root, temp_file, MockUpstream, Recorded, Reply, PATIENCE, TEST_KEY,
+    chat_completion, proxy_config_file, python, root, MockUpstream, Recorded, Reply, PATIENCE,
 };
 
 /// The inbound tokens of the callers `alice` and `bob` in [`binary_config`].
@@ -29,19 +29,14 @@ pub fn token(name: &str, secret: &str) -> String {
 /// A config file for the binary: tokens for alice and bob, the upstream at `upstream`, the Batch
 /// API on `store` (with `batch` appended to its table), and the rewriting route.
 pub fn binary_config(upstream: &MockUpstream, store: &Path, batch: &str) -> PathBuf {
-    let key = temp_file("key", TEST_KEY);
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ndrain_delay = \"0s\"\n\
-         {}{}\
-         [upstream]\nbase_url = \"{}\"\napi_key_file = \"{}\"\n\
+    let extra = format!(
+        "[server]\ndrain_delay = \"0s\"\n{}{}\
          [batch]\nstore = \"{}\"\nretry_base = \"20ms\"\n{batch}\n{ROUTE}",
         token("alice", ALICE),
         token("bob", BOB),
-        upstream.url(),
-        key.display(),
         store.display(),
     );
-    temp_file("proxy.toml", &text)
+    proxy_config_file(&upstream.url(), &extra)
 }
 
 /// The number N of a `numbered_lines` request (its message is "question N").

@@ -440,6 +440,18 @@ pub fn temp_file(name: &str, contents: &str) -> PathBuf {
 
 pub const TEST_KEY: &str = "sk-or-test-0123456789abcdef";
 
+/// A config file for the real binary: both listeners on free ports, the upstream at `base_url`
+/// with the test key read from a file, and `extra` laid over it table by table.
+pub fn proxy_config_file(base_url: &str, extra: &str) -> PathBuf {
+    let key = temp_file("key", TEST_KEY);
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{base_url}\"\napi_key_file = \"{}\"\n",
+        key.display()
+    );
+    temp_file("proxy.toml", &merge_toml(&base, extra))
+}
+
 /// The proxy, running in-process on 127.0.0.1:0.
 pub struct TestProxy {
     pub addr: SocketAddr,
