@@ -69,12 +69,11 @@ impl RequestRecord {
             ..telemetry::Outcome::default()
         });
     }
-}
 
-impl RequestRecord {
+    /// The access-log line of the finished request. Never the key, headers or bodies: only what
+    /// routing and accounting decided.
     fn access_line<'a>(
         &'a self,
-        method: &'a str,
         status: u16,
         outcome: &'static str,
         duration: Duration,
@@ -84,7 +83,7 @@ impl RequestRecord {
         let millis = |d: Duration| d.as_secs_f64() * 1000.0;
         AccessLine {
             request_id: &self.request_id,
-            method,
+            method: self.method.as_str(),
             path: &self.path,
             route: &self.route,
             caller: self.caller.as_deref().unwrap_or(""),
@@ -155,16 +154,8 @@ impl Drop for RequestRecord {
             metrics::overhead(&series, overhead);
         }
         if access::enabled() {
-            let method = self.method.as_str();
-            self.access_line(
-                method,
-                status,
-                outcome,
-                duration,
-                overhead,
-                trace_id.as_deref(),
-            )
-            .write();
+            self.access_line(status, outcome, duration, overhead, trace_id.as_deref())
+                .write();
         }
         self.end_span(status);
     }

@@ -20,11 +20,17 @@ use tokio::net::TcpStream;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// A client connection served by hyper.
+pub(crate) type Connection<S> = Served<
+    http1::Connection<TokioIo<TcpStream>, S>,
+    http2::Connection<TokioIo<TcpStream>, S, TokioExecutor>,
+>;
+
 /// The proxy's HTTP/1.1 and HTTP/2 settings for a listener.
 #[derive(Clone)]
 pub(crate) struct Builders {
-    pub(crate) http1: http1::Builder,
-    pub(crate) http2: http2::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
 }
 
 impl Builders {
@@ -53,15 +59,7 @@ impl Builders {
             .keep_alive_timeout(Duration::from_secs(20));
         Builders { http1, http2 }
     }
-}
 
-/// A client connection served by hyper.
-pub(crate) type Connection<S> = Served<
-    http1::Connection<TokioIo<TcpStream>, S>,
-    http2::Connection<TokioIo<TcpStream>, S, TokioExecutor>,
->;
-
-impl Builders {
     /// Serves `stream` with `service` in HTTP/2 (`h2`) or HTTP/1.1.
     pub(crate) fn serve<S, B>(&self, h2: bool, stream: TcpStream, service: S) -> Connection<S>
     where
