@@ -19,6 +19,8 @@ pub struct Token {
     models: Vec<Pattern>,
     pub max_concurrent: Option<usize>,
     pub requests_per_minute: Option<u32>,
+    /// What the token's limits are called in errors and shared counters: `token "<name>"`.
+    pub limit_scope: String,
     pub budget: Option<crate::config::BudgetConfig>,
 }
 
@@ -39,6 +41,7 @@ impl Token {
             models: config.models.iter().map(|m| Pattern::new(m)).collect(),
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
+            limit_scope: format!("token \"{}\"", config.name),
             budget: config.budget,
         })
     }

@@ -64,18 +64,20 @@ impl Limits {
             let Ok(mut scopes) = self.scopes.lock() else {
                 return Ok(None);
             };
-            scopes
-                .entry(scope.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(Scope {
+            match scopes.get(scope) {
+                Some(state) => state.clone(),
+                None => {
+                    let state = Arc::new(Scope {
                         in_flight: AtomicUsize::new(0),
                         bucket: Mutex::new(Bucket {
                             available: f64::from(per_minute.unwrap_or(0)),
                             updated: now,
                         }),
-                    })
-                })
-                .clone()
+                    });
+                    scopes.insert(scope.to_owned(), state.clone());
+                    state
+                }
+            }
         };
         let running = state.in_flight.fetch_add(1, Ordering::AcqRel);
         let permit = Permit(state.clone());

@@ -26,40 +26,38 @@ pub(super) async fn admit(
     permits: &mut Vec<Permit>,
 ) -> Result<(), ProxyError> {
     let now = Instant::now();
-    let scopes = [
-        Some((
-            format!("route \"{}\"", route.name),
-            route.max_concurrent,
-            route.requests_per_minute,
-        )),
-        caller.map(|t| {
-            (
-                format!("token \"{}\"", t.name),
-                t.max_concurrent,
-                t.requests_per_minute,
-            )
-        }),
-    ];
-    let scopes: Vec<_> = scopes.into_iter().flatten().collect();
-    for (scope, concurrent, _) in &scopes {
+    let route = (
+        &route.limit_scope,
+        route.max_concurrent,
+        route.requests_per_minute,
+    );
+    let token = caller.map(|t| (&t.limit_scope, t.max_concurrent, t.requests_per_minute));
+    let scopes = [Some(route), token];
+    for (scope, concurrent, _) in scopes.iter().flatten() {
         match shared.limits.admit(scope, *concurrent, None, now) {
             Ok(permit) => permits.extend(permit),
             Err(Rejection::Concurrency { limit }) => {
                 return Err(ProxyError::Overloaded {
-                    scope: scope.clone(),
+                    scope: scope.to_string(),
                     limit,
                 });
             }
             Err(Rejection::Rate { .. }) => {}
         }
     }
-    let rates: Vec<(&str, u32)> = scopes
-        .iter()
-        .filter_map(|(scope, _, per_minute)| Some((scope.as_str(), (*per_minute)?)))
-        .collect();
+    // At most two scopes: kept on the stack.
+    let mut rates = [("", 0); 2];
+    let mut count = 0;
+    for (scope, _, per_minute) in scopes.iter().flatten() {
+        if let Some(per_minute) = per_minute {
+            rates[count] = (scope.as_str(), *per_minute);
+            count += 1;
+        }
+    }
+    let rates = &rates[..count];
     shared
         .limiter
-        .admit_all(redis, &rates)
+        .admit_all(redis, rates)
         .await
         .map_err(|rejection| ProxyError::RateLimited {
             scope: rejection.scope,

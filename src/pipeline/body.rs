@@ -1,7 +1,7 @@
 //! The request body as read once: the facts routing needs, and a model rewrite that leaves every
 //! other byte untouched.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -67,10 +67,14 @@ impl JsonBody {
         if current == model {
             return self.bytes.clone();
         }
-        let encoded = serde_json::Value::from(model).to_string();
-        let mut out = BytesMut::with_capacity(self.bytes.len() - range.len() + encoded.len());
-        out.extend_from_slice(&self.bytes[..range.start]);
-        out.extend_from_slice(encoded.as_bytes());
+        // Quotes and a few escapes; the buffer grows if a name needs more.
+        let room = self.bytes.len() - range.len() + model.len() + 8;
+        let mut out = BytesMut::with_capacity(room).writer();
+        out.get_mut().extend_from_slice(&self.bytes[..range.start]);
+        if serde_json::to_writer(&mut out, model).is_err() {
+            return self.bytes.clone();
+        }
+        let mut out = out.into_inner();
         out.extend_from_slice(&self.bytes[range.end..]);
         out.freeze()
     }

@@ -23,6 +23,8 @@ pub struct RequestContext {
     pub permits: Vec<Permit>,
     /// The API the client speaks: how errors are rendered.
     pub shape: Shape,
+    /// The request id as the header the upstream and the client see.
+    pub request_id: HeaderValue,
 }
 
 impl RequestContext {
@@ -33,17 +35,15 @@ impl RequestContext {
         headers: &HeaderMap,
     ) -> RequestContext {
         let runtime = shared.runtime.load_full();
-        let record = RequestRecord::new(
-            runtime.config.clone(),
-            shared.request_id(headers),
-            method.clone(),
-            path.to_owned(),
-        );
+        let (id, request_id) = shared.request_id(headers);
+        let record =
+            RequestRecord::new(runtime.config.clone(), id, method.clone(), path.to_owned());
         RequestContext {
             runtime,
             record: Box::new(record),
             permits: Vec::new(),
             shape: Shape::of(method, path),
+            request_id,
         }
     }
 
@@ -62,9 +62,9 @@ impl RequestContext {
             }
         };
         self.record.status = response.status().as_u16();
-        if let Ok(id) = HeaderValue::from_str(&self.record.request_id) {
-            response.headers_mut().insert(X_REQUEST_ID.clone(), id);
-        }
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID.clone(), self.request_id);
         response.map(|body| body.with_record(self.record).with_permits(self.permits))
     }
 }

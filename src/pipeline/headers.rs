@@ -3,6 +3,7 @@
 //! asked for, the route's edits applied); the upstream's own headers and key are added per
 //! attempt.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::runtime::router::Route;
@@ -44,7 +45,12 @@ pub fn for_attempt(
     route: &Route,
     credentials: Option<&HeaderValue>,
 ) -> HeaderMap {
-    let mut headers = base.clone();
+    // Sized once for everything below: no growth while the map is built.
+    let added = upstream.headers.len() + route.set_headers.len() + 1;
+    let mut headers = HeaderMap::with_capacity(base.len() + added);
+    for (name, value) in base {
+        headers.append(name.clone(), value.clone());
+    }
     for (name, value) in upstream.headers.iter().chain(&route.set_headers) {
         headers.insert(name.clone(), value.clone());
     }
@@ -80,6 +86,45 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// A fresh request id, `prefix` then `n` in lower-case hex (16 and at least 8 digits): as text,
+/// and as a header value whose clones share one allocation.
+pub fn generated_id(prefix: u64, n: u64) -> (String, HeaderValue) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let Ok(low) = u32::try_from(n) else {
+        let id = format!("{prefix:016x}{n:08x}");
+        let value = HeaderValue::from_str(&id).unwrap_or_else(|_| IDENTITY.clone());
+        return (id, value);
+    };
+    let digits = (u128::from(prefix) << 32) | u128::from(low);
+    let mut id = [0u8; 24];
+    for (at, byte) in id.iter_mut().enumerate() {
+        *byte = HEX[((digits >> (4 * (23 - at))) & 0xf) as usize];
+    }
+    let text = id.iter().map(|&b| char::from(b)).collect();
+    let value = HeaderValue::from_maybe_shared(Bytes::from_owner(id));
+    (text, value.unwrap_or_else(|_| IDENTITY.clone()))
+}
+
+/// `x-proxy-attempts` and other small counts, without formatting one for every answer.
+pub fn count_value(n: usize) -> HeaderValue {
+    static SMALL: [HeaderValue; 10] = [
+        HeaderValue::from_static("0"),
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+        HeaderValue::from_static("5"),
+        HeaderValue::from_static("6"),
+        HeaderValue::from_static("7"),
+        HeaderValue::from_static("8"),
+        HeaderValue::from_static("9"),
+    ];
+    match SMALL.get(n) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
 /// Sets `name` to `value` when `value` is a valid header value (model names come from clients).
 pub fn set_text(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
@@ -104,5 +149,28 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn generated_ids_read_like_formatted_ones() {
+        for (prefix, n) in [
+            (0, 0),
+            (0x1234_5678_9abc_def0, 42),
+            (u64::MAX, u64::from(u32::MAX)),
+        ] {
+            let (text, value) = generated_id(prefix, n);
+            assert_eq!(text, format!("{prefix:016x}{n:08x}"));
+            assert_eq!(value.to_str().unwrap(), text);
+        }
+        let (text, value) = generated_id(7, 1 << 40);
+        assert_eq!(text, format!("{:016x}{:08x}", 7, 1u64 << 40));
+        assert_eq!(value.to_str().unwrap(), text);
+    }
+
+    #[test]
+    fn counts_are_decimal() {
+        for n in [0, 1, 9, 10, 123] {
+            assert_eq!(count_value(n).to_str().unwrap(), n.to_string());
+        }
     }
 }

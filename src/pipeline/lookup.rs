@@ -152,6 +152,6 @@ pub(super) fn cached_response(
     {
         headers.insert(X_PROXY_MODEL.clone(), model);
     }
-    headers.insert(X_PROXY_ATTEMPTS.clone(), HeaderValue::from(0));
+    headers.insert(X_PROXY_ATTEMPTS.clone(), super::headers::count_value(0));
     response
 }

@@ -96,15 +96,18 @@ impl Shared {
         }
     }
 
-    /// The client's `x-request-id` when it is a sane token, else a fresh unique one.
-    fn request_id(&self, headers: &HeaderMap) -> String {
-        if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-            if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
-                return id.to_owned();
+    /// The client's `x-request-id` when it is a sane token, else a fresh unique one; with the
+    /// header value that carries it (the client's own, or one made once and shared by clones).
+    fn request_id(&self, headers: &HeaderMap) -> (String, HeaderValue) {
+        if let Some(value) = headers.get(&headers::X_REQUEST_ID) {
+            if let Ok(id) = value.to_str() {
+                if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) {
+                    return (id.to_owned(), value.clone());
+                }
             }
         }
         let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}{n:08x}", self.id_prefix)
+        headers::generated_id(self.id_prefix, n)
     }
 }
 
@@ -114,8 +117,8 @@ pub async fn handle(
     shared: Arc<Shared>,
     request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
-    let mut ctx = RequestContext::new(&shared, &method, &path, request.headers());
+    let method = request.method().clone();
+    let mut ctx = RequestContext::new(&shared, &method, request.uri().path(), request.headers());
     let head = shared.telemetry.is_enabled().then(|| {
         let (uri, version) = (request.uri(), request.version());
         TraceHead::of(&method, uri, version, request.headers())
@@ -242,9 +245,8 @@ async fn answer(
     let record = &mut ctx.record;
     // The upstream sees the same request id as the client and the access log.
     if !out.headers.contains_key(&headers::X_REQUEST_ID) {
-        if let Ok(id) = HeaderValue::from_str(&record.request_id) {
-            out.headers.insert(headers::X_REQUEST_ID.clone(), id);
-        }
+        out.headers
+            .insert(headers::X_REQUEST_ID.clone(), ctx.request_id.clone());
     }
     match inbound.body {
         InboundBody::Upload { upload, .. } => {

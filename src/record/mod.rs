@@ -8,7 +8,7 @@ mod handles;
 pub mod metrics;
 mod sink;
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -131,13 +131,15 @@ impl RequestRecord {
         method: http::Method,
         path: String,
     ) -> RequestRecord {
+        static DEFAULT_ROUTE: LazyLock<Arc<str>> =
+            LazyLock::new(|| Arc::from(crate::config::DEFAULT_ROUTE));
         crate::record::metrics::request_started();
         RequestRecord {
             started: Instant::now(),
             request_id,
             method,
             path,
-            route: Arc::from(crate::config::DEFAULT_ROUTE),
+            route: DEFAULT_ROUTE.clone(),
             caller: None,
             requested_model: None,
             served_model: None,

@@ -36,6 +36,8 @@ pub struct Route {
     pub on_midstream: Midstream,
     pub max_concurrent: Option<usize>,
     pub requests_per_minute: Option<u32>,
+    /// What the route's limits are called in errors and shared counters: `route "<name>"`.
+    pub limit_scope: String,
     /// Spend per UTC day and month.
     pub budget: Option<crate::config::BudgetConfig>,
 }
@@ -121,6 +123,7 @@ impl Route {
             on_midstream: config.on_midstream,
             max_concurrent: config.max_concurrent,
             requests_per_minute: config.requests_per_minute,
+            limit_scope: format!("route \"{}\"", config.name),
             budget: config.budget,
         }
     }

@@ -20,6 +20,8 @@ const TITLE_HEADERS: [&str; 2] = ["x-title", "x-openrouter-title"];
 /// One upstream, compiled from its config section.
 pub struct Upstream {
     pub name: Arc<str>,
+    /// The name as the `x-proxy-upstream` answer header carries it (made once).
+    pub name_header: Option<HeaderValue>,
     /// `gen_ai.provider.name` on trace spans (see [`provider_of`]).
     pub provider: Arc<str>,
     pub auth: UpstreamAuth,
@@ -64,6 +66,7 @@ impl Upstream {
         let host = urls_host(config);
         Ok(Upstream {
             name: Arc::from(name),
+            name_header: HeaderValue::from_str(name).ok(),
             provider: Arc::from(provider_of(host.as_deref(), name)),
             auth: config.auth,
             endpoints,

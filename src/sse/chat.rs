@@ -2,7 +2,6 @@
 //! are ignored); an `error` object or a choice finished with `finish_reason: "error"` is an error,
 //! `usage` comes in a late chunk, and `data: [DONE]` completes the stream.
 
-use memchr::memmem;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -17,10 +16,8 @@ pub(super) fn classify(scanner: &mut Scanner, data: &[u8], whole: bool) -> Event
     }
     // Once content flows, most events are plain deltas: skip parsing those unless they can
     // carry what the proxy needs.
-    let may_matter = scanner.collect_text
-        || !scanner.seen_content
-        || memmem::find(data, b"\"usage\"").is_some()
-        || memmem::find(data, b"\"error\"").is_some();
+    let may_matter =
+        scanner.collect_text || !scanner.seen_content || super::names_usage_or_error(data);
     if !may_matter {
         return Event::Content;
     }

@@ -9,12 +9,27 @@ mod messages;
 mod responses;
 mod whole;
 
+use std::sync::LazyLock;
+
 use memchr::memmem;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 pub use crate::shape::Shape;
 pub use whole::{Passed, WholeEvents};
+
+/// Keys searched for in every answer and in many events: each searcher is built once.
+static USAGE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+static ERROR_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"error\""));
+static TYPE_KEY: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"type\""));
+
+/// Whether `data` names a `"usage"` or an `"error"` key (or holds such a string).
+fn names_usage_or_error(data: &[u8]) -> bool {
+    USAGE_KEY.find(data).is_some() || ERROR_KEY.find(data).is_some()
+}
 
 /// The most of one line, or of one event's data, the scanner keeps to classify it. The events
 /// that matter (usage, errors, the end of a stream, even a Responses API `response.completed`
@@ -382,7 +397,7 @@ fn event_type<'a>(name: &'a [u8], data: &'a [u8]) -> &'a [u8] {
     if !name.is_empty() {
         return name;
     }
-    let Some(at) = memmem::find(data, b"\"type\"") else {
+    let Some(at) = TYPE_KEY.find(data) else {
         return b"";
     };
     let value = data[at + 6..]
@@ -424,7 +439,7 @@ pub struct JsonAnswer {
 /// Reads what the proxy needs from a complete JSON answer in `shape`. A body that mentions neither
 /// `"error"` nor `"usage"` is not parsed at all.
 pub fn json_answer(shape: Shape, body: &[u8]) -> JsonAnswer {
-    if memmem::find(body, b"\"error\"").is_none() && memmem::find(body, b"\"usage\"").is_none() {
+    if !names_usage_or_error(body) {
         return JsonAnswer::default();
     }
     match shape {

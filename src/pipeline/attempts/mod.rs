@@ -15,7 +15,7 @@ use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 
 use super::body::JsonBody;
-use super::headers::{set_text, X_PROXY_ATTEMPTS, X_PROXY_MODEL, X_PROXY_UPSTREAM};
+use super::headers::{count_value, set_text, X_PROXY_ATTEMPTS, X_PROXY_MODEL, X_PROXY_UPSTREAM};
 use super::intake::Upload;
 use super::relay::ProxyBody;
 use super::Shared;
@@ -192,11 +192,11 @@ pub(crate) async fn run_chain(
                 if let Some(model) = model {
                     set_text(headers, &X_PROXY_MODEL, model);
                 }
-                set_text(headers, &X_PROXY_UPSTREAM, upstream);
-                let tried = HeaderValue::from(chain.tried);
-                response
-                    .headers_mut()
-                    .insert(X_PROXY_ATTEMPTS.clone(), tried);
+                if let Some(name) = &serving.name_header {
+                    headers.insert(X_PROXY_UPSTREAM.clone(), name.clone());
+                }
+                let tried = count_value(chain.tried);
+                headers.insert(X_PROXY_ATTEMPTS.clone(), tried);
                 return Ok(response);
             }
             Err(failure) => {
