@@ -10,7 +10,18 @@ pub struct BaseUrl {
     authority: Authority,
     /// The base path without a trailing slash, e.g. `/api/v1`.
     prefix: String,
+    /// The URIs of the API's busiest paths, made once: joining one for every request allocated.
+    common: Vec<(&'static str, Uri)>,
 }
+
+/// The paths most requests take, joined once per base URL.
+const COMMON_PATHS: [&str; 5] = [
+    "/chat/completions",
+    "/responses",
+    "/messages",
+    "/embeddings",
+    "/completions",
+];
 
 impl BaseUrl {
     pub fn parse(text: &str) -> Result<BaseUrl, String> {
@@ -30,16 +41,31 @@ impl BaseUrl {
             return Err("must not have a query string".into());
         }
         let prefix = uri.path().trim_end_matches('/').to_owned();
-        Ok(BaseUrl {
+        let mut base = BaseUrl {
             scheme,
             authority,
             prefix,
-        })
+            common: Vec::new(),
+        };
+        base.common = COMMON_PATHS
+            .iter()
+            .filter_map(|path| Some((*path, base.build(path, None).ok()?)))
+            .collect();
+        Ok(base)
     }
 
     /// Maps the part of a client path after `/v1` (`rest` starts with `/` or is empty) plus its
     /// query to the upstream URI. `rest` must already have passed [`check_path`].
     pub fn join(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        if query.is_none() {
+            if let Some((_, uri)) = self.common.iter().find(|(path, _)| *path == rest) {
+                return Ok(uri.clone());
+            }
+        }
+        self.build(rest, query)
+    }
+
+    fn build(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
         let mut path =
             String::with_capacity(self.prefix.len() + rest.len() + 1 + query.map_or(0, str::len));
         path.push_str(&self.prefix);
@@ -73,6 +99,16 @@ mod tests {
             base.join("/models", None).unwrap().to_string(),
             "http://127.0.0.1:9/models"
         );
+        // The paths joined in advance read the same.
+        for path in COMMON_PATHS {
+            let base = BaseUrl::parse("https://openrouter.ai/api/v1/").unwrap();
+            let joined = base.join(path, None).unwrap();
+            assert_eq!(joined, base.build(path, None).unwrap());
+            assert_eq!(
+                joined.to_string(),
+                format!("https://openrouter.ai/api/v1{path}")
+            );
+        }
     }
 
     #[test]

@@ -238,24 +238,29 @@ pub fn choose_endpoint(endpoints: &[Arc<Endpoint>], tried: &[usize], now: Instan
 
 /// A key by weight among those present, not out and not tried; `None` when none is left.
 pub fn choose_key<'a>(keys: &'a [Key], tried: &[usize], now: Instant) -> Option<&'a Key> {
-    let usable: Vec<(usize, &Key)> = keys
-        .iter()
-        .enumerate()
-        .filter(|(i, k)| k.present() && !tried.contains(i) && !k.out.is_out(now))
-        .collect();
-    let total: u64 = usable.iter().map(|(_, k)| u64::from(k.weight)).sum();
+    // Two passes over the keys rather than a list of the usable ones made for every request.
+    let usable = || {
+        keys.iter()
+            .enumerate()
+            .filter(move |(i, k)| k.present() && !tried.contains(i) && !k.out.is_out(now))
+            .map(|(_, k)| k)
+    };
+    let total: u64 = usable().map(|k| u64::from(k.weight)).sum();
     if total == 0 {
         return None;
     }
     let mut point = fastrand::u64(..total);
-    for (_, key) in &usable {
+    let mut last = None;
+    for key in usable() {
         let weight = u64::from(key.weight);
         if point < weight {
             return Some(key);
         }
         point -= weight;
+        last = Some(key);
     }
-    usable.last().map(|(_, k)| *k)
+    // A key was marked out between the passes: the last one still usable.
+    last
 }
 
 /// The position of `key` in `keys`.
