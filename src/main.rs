@@ -171,7 +171,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(live)) {
+    let result = runtime.block_on(run(live));
+    // The records of connections cut at the end are written as the runtime drops them: the last
+    // access lines are flushed after that.
+    drop(runtime);
+    openrouter_proxy::record::access::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
@@ -207,7 +212,21 @@ async fn run(live: LiveConfig) -> Result<(), String> {
     let api = listeners.api.local_addr().map_err(|e| e.to_string())?;
     let admin = listeners.admin.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(%api, %admin, upstream = %config.upstream.base_url, "listening");
+    if config.log.access_buffer_bytes > 0 {
+        // Ends with the runtime.
+        tokio::spawn(flush_access_lines(config.log.access_flush_interval));
+    }
     serve_live(live, listeners, shutdown_signal()).await
+}
+
+/// Writes the gathered access lines every `interval`, so a quiet proxy's lines still show.
+async fn flush_access_lines(interval: std::time::Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        openrouter_proxy::record::access::flush();
+    }
 }
 
 /// Turns each SIGHUP into a reload request for as long as the runtime runs.
@@ -259,6 +278,7 @@ fn init_logging(config: &Config) {
                 .with_current_span(false)
                 .init();
             openrouter_proxy::record::access::write_json_to_stdout();
+            openrouter_proxy::record::access::buffer_lines(config.log.access_buffer_bytes);
         }
         LogFormat::Text => builder.init(),
     }

@@ -70,10 +70,11 @@ async fn a_proxied_request_costs_two_writes() {
         )
     })
     .await;
-    // At this level the access log is off: no write to standard output per request.
+    // At this level the access log is off: no write to standard output per request; without
+    // its buffer there is no flush timer either (a timer of its own, measured on its own).
     let config = proxy_config_file(
         &upstream.url(),
-        "[server]\ndrain_delay = \"0s\"\n[log]\nlevel = \"warn,openrouter_proxy=info\"\n",
+        "[server]\ndrain_delay = \"0s\"\n[log]\nlevel = \"warn,openrouter_proxy=info\"\naccess_buffer_bytes = 0\n",
     );
     let proxy = BinaryProxy::spawn(&config, &["--no-watch"]).await;
     let pid = proxy.child.id().unwrap();

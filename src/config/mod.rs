@@ -321,6 +321,12 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter such as `info` or `openrouter_proxy=debug`; `RUST_LOG` overrides it.
     pub level: String,
+    /// JSON access lines are gathered up to this many bytes and written together (one write for
+    /// many requests, as nginx's `access_log ... buffer=`); 0 writes each line as it comes.
+    pub access_buffer_bytes: usize,
+    /// Gathered access lines are written at least this often, and when the proxy stops.
+    #[serde(with = "humantime_serde")]
+    pub access_flush_interval: Duration,
 }
 
 impl Default for LogConfig {
@@ -328,6 +334,8 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Json,
             level: "info".to_owned(),
+            access_buffer_bytes: 64 * 1024,
+            access_flush_interval: Duration::from_secs(1),
         }
     }
 }

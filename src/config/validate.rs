@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::error::{Invalid, KeyPath};
-use super::{Config, RouteConfig, ServerConfig, TokenConfig, UpstreamAuth};
+use super::{Config, LogConfig, RouteConfig, ServerConfig, TokenConfig, UpstreamAuth};
 
 pub(super) type Checked = Result<(), Invalid>;
 
@@ -29,9 +29,7 @@ impl Config {
         positive(self.cache.max_bytes, "cache.max_bytes")?;
         positive(self.cache.max_entry_bytes as u64, "cache.max_entry_bytes")?;
         super::redis::validate_redis(self.redis.as_ref(), self.cache.tier2)?;
-        if self.log.level.trim().is_empty() {
-            return Err(Invalid::new(KeyPath::new("log.level"), "must not be empty"));
-        }
+        validate_log(&self.log)?;
         if self.metrics.max_model_labels > 10_000 {
             return Err(Invalid::new(
                 KeyPath::new("metrics.max_model_labels"),
@@ -123,6 +121,28 @@ fn validate_server(s: &ServerConfig) -> Checked {
         "server.http2_max_concurrent_streams",
     )?;
     validate_tokens(&s.tokens, KeyPath::new("server.tokens"))
+}
+
+/// The largest access-log buffer: lines wait in memory until it fills or its interval passes.
+const MAX_ACCESS_BUFFER: usize = 16 * 1024 * 1024;
+
+fn validate_log(log: &LogConfig) -> Checked {
+    if log.level.trim().is_empty() {
+        return Err(Invalid::new(KeyPath::new("log.level"), "must not be empty"));
+    }
+    if log.access_buffer_bytes > MAX_ACCESS_BUFFER {
+        return Err(Invalid::new(
+            KeyPath::new("log.access_buffer_bytes"),
+            format!(
+                "must be at most {MAX_ACCESS_BUFFER} (16 MiB), got {}",
+                log.access_buffer_bytes
+            ),
+        ));
+    }
+    nonzero(
+        log.access_flush_interval,
+        &KeyPath::new("log.access_flush_interval"),
+    )
 }
 
 fn validate_route(route: &RouteConfig, at: KeyPath) -> Checked {

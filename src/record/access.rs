@@ -1,12 +1,15 @@
 //! The access-log line, one per request. With the JSON log format on standard output it is
 //! serialized from a struct into a reused buffer and written in one call: the same line the
 //! `tracing` JSON formatter writes (timestamp, level, message, the fields, target), without
-//! formatting each field through `Debug` into a string of its own. Otherwise (the text format,
-//! or a program embedding the proxy with its own subscriber) the line is a `tracing` event.
+//! formatting each field through `Debug` into a string of its own. Lines written that way wait
+//! in a buffer (`[log] access_buffer_bytes`) and go out together when it fills, on a timer and
+//! when the proxy stops. Otherwise (the text format, or a program embedding the proxy with its
+//! own subscriber) the line is a `tracing` event.
 
 use std::cell::RefCell;
-use std::io::Write;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 use tracing_subscriber::fmt::format::Writer;
@@ -18,6 +21,58 @@ static DIRECT_JSON: AtomicBool = AtomicBool::new(false);
 /// formatter (flattened events, no span): access lines are then written directly in that shape.
 pub fn write_json_to_stdout() {
     DIRECT_JSON.store(true, Ordering::Relaxed);
+}
+
+/// Access lines waiting to be written together.
+static PENDING: Mutex<Pending> = Mutex::new(Pending {
+    bytes: Vec::new(),
+    limit: 0,
+});
+
+/// Lines gathered until `limit` bytes wait; a limit of 0 writes each line as it comes.
+struct Pending {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Pending {
+    fn push(&mut self, line: &[u8], out: &mut impl Write) -> io::Result<()> {
+        if self.limit == 0 && self.bytes.is_empty() {
+            return out.write_all(line);
+        }
+        self.bytes.extend_from_slice(line);
+        if self.bytes.len() >= self.limit {
+            return self.flush(out);
+        }
+        Ok(())
+    }
+
+    /// Writes what waits in one call. Lines that cannot be written (standard output closed) are
+    /// dropped rather than kept growing.
+    fn flush(&mut self, out: &mut impl Write) -> io::Result<()> {
+        if self.bytes.is_empty() {
+            return Ok(());
+        }
+        let written = out.write_all(&self.bytes).and_then(|()| out.flush());
+        self.bytes.clear();
+        written
+    }
+}
+
+/// Gathers directly written access lines up to `limit` bytes before writing them (0: none).
+pub fn buffer_lines(limit: usize) {
+    let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+    pending.limit = limit;
+    if limit > 0 {
+        // Room for the last line that crosses the limit, so the buffer never grows.
+        pending.bytes.reserve(limit + 4096);
+    }
+}
+
+/// Writes the access lines that wait, if any: on a timer and when the proxy stops.
+pub fn flush() {
+    let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+    let _ = pending.flush(&mut io::stdout().lock());
 }
 
 /// Whether the log filter lets the access line through (`info` for target `access`).
@@ -131,8 +186,10 @@ impl AccessLine<'_> {
             line.clear();
             let _ = SystemTime.format_time(&mut Writer::new(timestamp));
             if self.json_line(timestamp, line).is_ok() {
-                // As the formatter does: one write under the lock, so lines never interleave.
-                let _ = std::io::stdout().lock().write_all(line);
+                // Lines never interleave: they are whole in the buffer, and written under the
+                // standard output lock as the formatter writes its own.
+                let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
+                let _ = pending.push(line, &mut io::stdout().lock());
             }
         });
     }
@@ -246,5 +303,56 @@ mod tests {
             line.json_line(timestamp, &mut direct).unwrap();
             assert_eq!(String::from_utf8(direct).unwrap(), expected);
         }
+    }
+
+    /// Records each write call it receives.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl Write for Writes {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.push(bytes.to_vec());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn buffered_lines_go_out_together_when_the_buffer_fills_or_is_flushed() {
+        let mut pending = Pending {
+            bytes: Vec::new(),
+            limit: 30,
+        };
+        let mut out = Writes::default();
+        pending.push(b"first line\n", &mut out).unwrap();
+        pending.push(b"second line\n", &mut out).unwrap();
+        assert!(out.0.is_empty(), "written before the buffer filled");
+        // The third line crosses the limit: all three in one write.
+        pending.push(b"third line\n", &mut out).unwrap();
+        assert_eq!(
+            out.0,
+            vec![b"first line\nsecond line\nthird line\n".to_vec()]
+        );
+        pending.push(b"fourth\n", &mut out).unwrap();
+        assert_eq!(out.0.len(), 1);
+        pending.flush(&mut out).unwrap();
+        assert_eq!(out.0[1], b"fourth\n");
+        // Nothing waits: a flush writes nothing.
+        pending.flush(&mut out).unwrap();
+        assert_eq!(out.0.len(), 2);
+    }
+
+    #[test]
+    fn without_a_buffer_each_line_is_written_at_once() {
+        let mut pending = Pending {
+            bytes: Vec::new(),
+            limit: 0,
+        };
+        let mut out = Writes::default();
+        pending.push(b"one\n", &mut out).unwrap();
+        pending.push(b"two\n", &mut out).unwrap();
+        assert_eq!(out.0, vec![b"one\n".to_vec(), b"two\n".to_vec()]);
     }
 }

@@ -219,6 +219,8 @@ pub(super) fn keep_restart_only(new: &mut Config, running: &Config) -> Vec<&'sta
     keep!(cache.max_entry_bytes, "cache.max_entry_bytes");
     keep!(log.format, "log.format");
     keep!(log.level, "log.level");
+    keep!(log.access_buffer_bytes, "log.access_buffer_bytes");
+    keep!(log.access_flush_interval, "log.access_flush_interval");
     // The Batch API's store, workers and routes are set up once, at start-up.
     keep!(batch, "batch");
     // The exporter, its queue and its thread are built once with the process: tracing is

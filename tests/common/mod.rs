@@ -907,7 +907,9 @@ pub struct BinaryProxy {
     pub child: tokio::process::Child,
     pub api: String,
     pub admin: String,
-    logs: Option<tokio::task::JoinHandle<Vec<String>>>,
+    logs: Option<tokio::task::JoinHandle<()>>,
+    /// Every line the process wrote after start-up, as it arrives.
+    lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl BinaryProxy {
@@ -952,18 +954,19 @@ impl BinaryProxy {
         })
         .await
         .unwrap();
+        let collected = Arc::new(Mutex::new(Vec::new()));
+        let all = collected.clone();
         let logs = tokio::spawn(async move {
-            let mut all = Vec::new();
             while let Ok(Some(line)) = lines.next_line().await {
-                all.push(line);
+                all.lock().unwrap().push(line);
             }
-            all
         });
         BinaryProxy {
             child,
             api,
             admin,
             logs: Some(logs),
+            lines: collected,
         }
     }
 
@@ -978,14 +981,19 @@ impl BinaryProxy {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// What the process has written to standard output since start-up, so far.
+    pub fn logged(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
     /// Waits for the process to exit; returns its status and everything it logged after start-up.
     pub async fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let status = tokio::time::timeout(PATIENCE, self.child.wait())
             .await
             .unwrap()
             .unwrap();
-        let logs = self.logs.take().unwrap().await.unwrap();
-        (status, logs)
+        self.logs.take().unwrap().await.unwrap();
+        (status, self.logged())
     }
 }
 

@@ -1,0 +1,106 @@
+//! The real binary's JSON access log on standard output: lines gathered in a buffer
+//! (`[log] access_buffer_bytes`) reach standard output on the flush timer while the proxy runs,
+//! when the buffer fills, and when the proxy stops, whatever is left; one line per request.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// Starts the binary in front of an OpenAI-like mock with `[log]` settings `log`.
+async fn proxy_with_log(log: &str) -> (MockUpstream, BinaryProxy) {
+    let upstream = MockUpstream::openai_like().await;
+    let extra = format!("[server]\ndrain_delay = \"0s\"\n[log]\n{log}\n");
+    let config = proxy_config_file(&upstream.url(), &extra);
+    let proxy = BinaryProxy::spawn(&config, &["--no-watch"]).await;
+    (upstream, proxy)
+}
+
+/// One chat request with request id `id`, answered 200.
+async fn chat(proxy: &BinaryProxy, id: &str) {
+    let url = format!("http://{}/v1/chat/completions", proxy.api);
+    let body = r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#;
+    let headers = [("x-request-id", id)];
+    let (status, _, _) = post_json(&url, body, &headers).await;
+    assert_eq!(status, 200);
+}
+
+/// The request ids of the access lines among `lines`, in the order written.
+fn access_ids(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "access")
+        .map(|line| line["request_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ids(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+#[tokio::test]
+async fn lines_left_in_the_buffer_are_written_when_the_proxy_stops() {
+    // Neither the timer (an hour) nor the buffer (64 KiB, about a hundred lines) writes them.
+    let (_upstream, proxy) = proxy_with_log("access_flush_interval = \"1h\"").await;
+    let sent = ids("at-stop", 5);
+    for id in &sent {
+        chat(&proxy, id).await;
+    }
+    proxy.signal("TERM").await;
+    let (status, lines) = proxy.wait().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(access_ids(&lines), sent);
+}
+
+#[tokio::test]
+async fn the_timer_writes_the_lines_of_a_quiet_proxy() {
+    let (_upstream, proxy) = proxy_with_log("access_flush_interval = \"100ms\"").await;
+    let sent = ids("timer", 3);
+    for id in &sent {
+        chat(&proxy, id).await;
+    }
+    // Nothing more is sent: only the timer can write them.
+    wait_until("the access lines", || access_ids(&proxy.logged()) == sent).await;
+    proxy.signal("TERM").await;
+    assert!(proxy.wait().await.0.success());
+}
+
+#[tokio::test]
+async fn a_full_buffer_is_written_at_once() {
+    // About 600 bytes a line: the buffer fills within a few requests, and the timer never runs.
+    let log = "access_buffer_bytes = 2000\naccess_flush_interval = \"1h\"";
+    let (_upstream, proxy) = proxy_with_log(log).await;
+    let sent = ids("full", 20);
+    for id in &sent {
+        chat(&proxy, id).await;
+    }
+    // Lines are longer than 200 bytes: at least every tenth line fills the buffer, so half of
+    // them are out while the proxy runs, in order.
+    wait_until("most access lines", || {
+        access_ids(&proxy.logged()).len() >= 10
+    })
+    .await;
+    let written = access_ids(&proxy.logged());
+    assert_eq!(written, sent[..written.len()]);
+    proxy.signal("TERM").await;
+    let (status, lines) = proxy.wait().await;
+    assert!(status.success(), "{status}");
+    assert_eq!(access_ids(&lines), sent);
+}
+
+#[tokio::test]
+async fn without_a_buffer_each_line_is_written_as_its_request_ends() {
+    let log = "access_buffer_bytes = 0\naccess_flush_interval = \"1h\"";
+    let (_upstream, proxy) = proxy_with_log(log).await;
+    for id in ids("unbuffered", 3) {
+        chat(&proxy, &id).await;
+        wait_until("the request's line", || {
+            access_ids(&proxy.logged()).contains(&id)
+        })
+        .await;
+    }
+    proxy.signal("TERM").await;
+    assert!(proxy.wait().await.0.success());
+}
