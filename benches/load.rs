@@ -1509,10 +1509,22 @@ fn closed_loop_rows(table: &mut Table, layout: &Layout, comparisons: Vec<Compari
         .zip(&all_requests)
         .map(|(cpu, n)| cpu.as_secs_f64() * 1e6 / (*n).max(1) as f64)
         .collect();
-    let goal = layout.nginx.map(|n| {
-        per_request[layout.proxy] <= per_request[n]
-            && per_request[layout.proxy_info] <= 1.5 * per_request[n]
+    // Two goals in one row: each part says whether it is met, the row whether both are.
+    let parts = layout.nginx.map(|n| {
+        (
+            per_request[layout.proxy] <= per_request[n],
+            per_request[layout.proxy_info] <= 1.5 * per_request[n],
+        )
     });
+    let said = |met: bool| if met { "met" } else { "not met" };
+    let text = match parts {
+        Some((plain, info)) => format!(
+            "proxy ≤ nginx ({}); with the info log ≤ 1.5 × nginx ({})",
+            said(plain),
+            said(info)
+        ),
+        None => "proxy ≤ nginx; with the info log ≤ 1.5 × nginx".to_owned(),
+    };
     let mut cells = vec!["–".to_owned()];
     cells.extend(per_request[1..].iter().map(|v| us(*v)));
     table.row(
@@ -1521,8 +1533,8 @@ fn closed_loop_rows(table: &mut Table, layout: &Layout, comparisons: Vec<Compari
             all_requests[0]
         ),
         cells,
-        "proxy ≤ nginx; with the info log ≤ 1.5 × nginx",
-        goal,
+        &text,
+        parts.map(|(plain, info)| plain && info),
     );
 }
 
