@@ -40,31 +40,38 @@ fn ids(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{prefix}-{i}")).collect()
 }
 
+/// Sends a chat request with each of `ids`, one after the other.
+async fn chat_each(proxy: &BinaryProxy, ids: &[String]) {
+    for id in ids {
+        chat(proxy, id).await;
+    }
+}
+
+/// Stops the proxy with SIGTERM; the access lines' request ids it wrote, once it exited cleanly.
+async fn stop(proxy: BinaryProxy) -> Vec<String> {
+    proxy.signal("TERM").await;
+    let (status, lines) = proxy.wait().await;
+    assert!(status.success(), "{status}");
+    access_ids(&lines)
+}
+
 #[tokio::test]
 async fn lines_left_in_the_buffer_are_written_when_the_proxy_stops() {
     // Neither the timer (an hour) nor the buffer (64 KiB, about a hundred lines) writes them.
     let (_upstream, proxy) = proxy_with_log("access_flush_interval = \"1h\"").await;
     let sent = ids("at-stop", 5);
-    for id in &sent {
-        chat(&proxy, id).await;
-    }
-    proxy.signal("TERM").await;
-    let (status, lines) = proxy.wait().await;
-    assert!(status.success(), "{status}");
-    assert_eq!(access_ids(&lines), sent);
+    chat_each(&proxy, &sent).await;
+    assert_eq!(stop(proxy).await, sent);
 }
 
 #[tokio::test]
 async fn the_timer_writes_the_lines_of_a_quiet_proxy() {
     let (_upstream, proxy) = proxy_with_log("access_flush_interval = \"100ms\"").await;
     let sent = ids("timer", 3);
-    for id in &sent {
-        chat(&proxy, id).await;
-    }
+    chat_each(&proxy, &sent).await;
     // Nothing more is sent: only the timer can write them.
     wait_until("the access lines", || access_ids(&proxy.logged()) == sent).await;
-    proxy.signal("TERM").await;
-    assert!(proxy.wait().await.0.success());
+    assert_eq!(stop(proxy).await, sent);
 }
 
 #[tokio::test]
@@ -73,9 +80,7 @@ async fn a_full_buffer_is_written_at_once() {
     let log = "access_buffer_bytes = 2000\naccess_flush_interval = \"1h\"";
     let (_upstream, proxy) = proxy_with_log(log).await;
     let sent = ids("full", 20);
-    for id in &sent {
-        chat(&proxy, id).await;
-    }
+    chat_each(&proxy, &sent).await;
     // Lines are longer than 200 bytes: at least every tenth line fills the buffer, so half of
     // them are out while the proxy runs, in order.
     wait_until("most access lines", || {
@@ -84,23 +89,20 @@ async fn a_full_buffer_is_written_at_once() {
     .await;
     let written = access_ids(&proxy.logged());
     assert_eq!(written, sent[..written.len()]);
-    proxy.signal("TERM").await;
-    let (status, lines) = proxy.wait().await;
-    assert!(status.success(), "{status}");
-    assert_eq!(access_ids(&lines), sent);
+    assert_eq!(stop(proxy).await, sent);
 }
 
 #[tokio::test]
 async fn without_a_buffer_each_line_is_written_as_its_request_ends() {
     let log = "access_buffer_bytes = 0\naccess_flush_interval = \"1h\"";
     let (_upstream, proxy) = proxy_with_log(log).await;
-    for id in ids("unbuffered", 3) {
-        chat(&proxy, &id).await;
+    let sent = ids("unbuffered", 3);
+    for id in &sent {
+        chat(&proxy, id).await;
         wait_until("the request's line", || {
-            access_ids(&proxy.logged()).contains(&id)
+            access_ids(&proxy.logged()).contains(id)
         })
         .await;
     }
-    proxy.signal("TERM").await;
-    assert!(proxy.wait().await.0.success());
+    assert_eq!(stop(proxy).await, sent);
 }

@@ -319,13 +319,17 @@ mod tests {
         }
     }
 
+    fn pending(limit: usize) -> (Pending, Writes) {
+        let pending = Pending {
+            bytes: Vec::new(),
+            limit,
+        };
+        (pending, Writes::default())
+    }
+
     #[test]
     fn buffered_lines_go_out_together_when_the_buffer_fills_or_is_flushed() {
-        let mut pending = Pending {
-            bytes: Vec::new(),
-            limit: 30,
-        };
-        let mut out = Writes::default();
+        let (mut pending, mut out) = pending(30);
         pending.push(b"first line\n", &mut out).unwrap();
         pending.push(b"second line\n", &mut out).unwrap();
         assert!(out.0.is_empty(), "written before the buffer filled");
@@ -346,11 +350,7 @@ mod tests {
 
     #[test]
     fn without_a_buffer_each_line_is_written_at_once() {
-        let mut pending = Pending {
-            bytes: Vec::new(),
-            limit: 0,
-        };
-        let mut out = Writes::default();
+        let (mut pending, mut out) = pending(0);
         pending.push(b"one\n", &mut out).unwrap();
         pending.push(b"two\n", &mut out).unwrap();
         assert_eq!(out.0, vec![b"one\n".to_vec(), b"two\n".to_vec()]);
