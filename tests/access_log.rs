@@ -8,13 +8,19 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-/// Starts the binary in front of an OpenAI-like mock with `[log]` settings `log`.
-async fn proxy_with_log(log: &str) -> (MockUpstream, BinaryProxy) {
+/// Starts the binary in front of an OpenAI-like mock with `[log]` settings `log`; with the
+/// request ids `<prefix>-0` .. `<prefix>-<count - 1>` for the test to send.
+async fn proxy_with_log(
+    log: &str,
+    prefix: &str,
+    count: usize,
+) -> (MockUpstream, BinaryProxy, Vec<String>) {
     let upstream = MockUpstream::openai_like().await;
     let extra = format!("[server]\ndrain_delay = \"0s\"\n[log]\n{log}\n");
     let config = proxy_config_file(&upstream.url(), &extra);
     let proxy = BinaryProxy::spawn(&config, &["--no-watch"]).await;
-    (upstream, proxy)
+    let ids = (0..count).map(|i| format!("{prefix}-{i}")).collect();
+    (upstream, proxy, ids)
 }
 
 /// One chat request with request id `id`, answered 200.
@@ -36,10 +42,6 @@ fn access_ids(lines: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn ids(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i}")).collect()
-}
-
 /// Sends a chat request with each of `ids`, one after the other.
 async fn chat_each(proxy: &BinaryProxy, ids: &[String]) {
     for id in ids {
@@ -58,16 +60,16 @@ async fn stop(proxy: BinaryProxy) -> Vec<String> {
 #[tokio::test]
 async fn lines_left_in_the_buffer_are_written_when_the_proxy_stops() {
     // Neither the timer (an hour) nor the buffer (64 KiB, about a hundred lines) writes them.
-    let (_upstream, proxy) = proxy_with_log("access_flush_interval = \"1h\"").await;
-    let sent = ids("at-stop", 5);
+    let log = "access_flush_interval = \"1h\"";
+    let (_upstream, proxy, sent) = proxy_with_log(log, "at-stop", 5).await;
     chat_each(&proxy, &sent).await;
     assert_eq!(stop(proxy).await, sent);
 }
 
 #[tokio::test]
 async fn the_timer_writes_the_lines_of_a_quiet_proxy() {
-    let (_upstream, proxy) = proxy_with_log("access_flush_interval = \"100ms\"").await;
-    let sent = ids("timer", 3);
+    let log = "access_flush_interval = \"100ms\"";
+    let (_upstream, proxy, sent) = proxy_with_log(log, "timer", 3).await;
     chat_each(&proxy, &sent).await;
     // Nothing more is sent: only the timer can write them.
     wait_until("the access lines", || access_ids(&proxy.logged()) == sent).await;
@@ -78,8 +80,7 @@ async fn the_timer_writes_the_lines_of_a_quiet_proxy() {
 async fn a_full_buffer_is_written_at_once() {
     // About 600 bytes a line: the buffer fills within a few requests, and the timer never runs.
     let log = "access_buffer_bytes = 2000\naccess_flush_interval = \"1h\"";
-    let (_upstream, proxy) = proxy_with_log(log).await;
-    let sent = ids("full", 20);
+    let (_upstream, proxy, sent) = proxy_with_log(log, "full", 20).await;
     chat_each(&proxy, &sent).await;
     // Lines are longer than 200 bytes: at least every tenth line fills the buffer, so half of
     // them are out while the proxy runs, in order.
@@ -95,8 +96,7 @@ async fn a_full_buffer_is_written_at_once() {
 #[tokio::test]
 async fn without_a_buffer_each_line_is_written_as_its_request_ends() {
     let log = "access_buffer_bytes = 0\naccess_flush_interval = \"1h\"";
-    let (_upstream, proxy) = proxy_with_log(log).await;
-    let sent = ids("unbuffered", 3);
+    let (_upstream, proxy, sent) = proxy_with_log(log, "unbuffered", 3).await;
     for id in &sent {
         chat(&proxy, id).await;
         wait_until("the request's line", || {
