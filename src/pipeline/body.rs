@@ -71,6 +71,7 @@ impl JsonBody {
         let room = self.bytes.len() - range.len() + model.len() + 8;
         let mut out = BytesMut::with_capacity(room).writer();
         out.get_mut().extend_from_slice(&self.bytes[..range.start]);
+        // Escaping a string into memory cannot fail; the branch only keeps the body whole if it did.
         if serde_json::to_writer(&mut out, model).is_err() {
             return self.bytes.clone();
         }

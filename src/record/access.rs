@@ -36,13 +36,15 @@ struct Pending {
 }
 
 impl Pending {
-    fn push(&mut self, line: &[u8], out: &mut impl Write) -> io::Result<()> {
+    /// Adds `line`; writes to the writer `out` opens (standard output's lock, taken only then)
+    /// once the buffer is full, or at once without a buffer.
+    fn push<W: Write>(&mut self, line: &[u8], out: impl FnOnce() -> W) -> io::Result<()> {
         if self.limit == 0 && self.bytes.is_empty() {
-            return out.write_all(line);
+            return out().write_all(line);
         }
         self.bytes.extend_from_slice(line);
         if self.bytes.len() >= self.limit {
-            return self.flush(out);
+            return self.flush(&mut out());
         }
         Ok(())
     }
@@ -189,7 +191,7 @@ impl AccessLine<'_> {
                 // Lines never interleave: they are whole in the buffer, and written under the
                 // standard output lock as the formatter writes its own.
                 let mut pending = PENDING.lock().unwrap_or_else(PoisonError::into_inner);
-                let _ = pending.push(line, &mut io::stdout().lock());
+                let _ = pending.push(line, || io::stdout().lock());
             }
         });
     }
@@ -330,16 +332,16 @@ mod tests {
     #[test]
     fn buffered_lines_go_out_together_when_the_buffer_fills_or_is_flushed() {
         let (mut pending, mut out) = pending(30);
-        pending.push(b"first line\n", &mut out).unwrap();
-        pending.push(b"second line\n", &mut out).unwrap();
+        pending.push(b"first line\n", || &mut out).unwrap();
+        pending.push(b"second line\n", || &mut out).unwrap();
         assert!(out.0.is_empty(), "written before the buffer filled");
         // The third line crosses the limit: all three in one write.
-        pending.push(b"third line\n", &mut out).unwrap();
+        pending.push(b"third line\n", || &mut out).unwrap();
         assert_eq!(
             out.0,
             vec![b"first line\nsecond line\nthird line\n".to_vec()]
         );
-        pending.push(b"fourth\n", &mut out).unwrap();
+        pending.push(b"fourth\n", || &mut out).unwrap();
         assert_eq!(out.0.len(), 1);
         pending.flush(&mut out).unwrap();
         assert_eq!(out.0[1], b"fourth\n");
@@ -351,8 +353,8 @@ mod tests {
     #[test]
     fn without_a_buffer_each_line_is_written_at_once() {
         let (mut pending, mut out) = pending(0);
-        pending.push(b"one\n", &mut out).unwrap();
-        pending.push(b"two\n", &mut out).unwrap();
+        pending.push(b"one\n", || &mut out).unwrap();
+        pending.push(b"two\n", || &mut out).unwrap();
         assert_eq!(out.0, vec![b"one\n".to_vec(), b"two\n".to_vec()]);
     }
 }
