@@ -150,7 +150,7 @@ static FINISHED: AtomicU64 = AtomicU64::new(0);
 
 /// The exporter keeps every histogram sample until it is moved into its buckets, which a render
 /// of `/metrics` does: without this, memory grew with every request between two scrapes (about
-/// 55 bytes per request, for ever when nothing scrapes). Every [`UPKEEP_EVERY`] requests the
+/// 50 bytes per request, for ever when nothing scrapes). Every [`UPKEEP_EVERY`] requests the
 /// samples are moved here.
 fn upkeep_now_and_then() {
     if FINISHED.fetch_add(1, Ordering::Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
