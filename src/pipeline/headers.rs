@@ -90,19 +90,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// and as a header value whose clones share one allocation.
 pub fn generated_id(prefix: u64, n: u64) -> (String, HeaderValue) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let Ok(low) = u32::try_from(n) else {
-        let id = format!("{prefix:016x}{n:08x}");
-        let value = HeaderValue::from_str(&id).unwrap_or_else(|_| IDENTITY.clone());
-        return (id, value);
+    let write = |value: u64, out: &mut [u8]| {
+        for (at, byte) in out.iter_mut().rev().enumerate() {
+            *byte = HEX[(value >> (4 * at)) as usize & 0xf];
+        }
     };
-    let digits = (u128::from(prefix) << 32) | u128::from(low);
-    let mut id = [0u8; 24];
-    for (at, byte) in id.iter_mut().enumerate() {
-        *byte = HEX[((digits >> (4 * (23 - at))) & 0xf) as usize];
-    }
-    let text = id.iter().map(|&b| char::from(b)).collect();
-    let value = HeaderValue::from_maybe_shared(Bytes::from_owner(id));
-    (text, value.unwrap_or_else(|_| IDENTITY.clone()))
+    // The digits `n` needs, and never fewer than 8.
+    let n_digits = (16 - n.leading_zeros() as usize / 4).max(8);
+    let len = 16 + n_digits;
+    let mut id = [0u8; 32];
+    write(prefix, &mut id[..16]);
+    write(n, &mut id[16..len]);
+    let text = id[..len].iter().map(|&b| char::from(b)).collect();
+    let value = HeaderValue::from_maybe_shared(Bytes::from_owner(id).slice(..len));
+    // Hex digits are always a valid header value.
+    (text, value.unwrap_or_else(|_| HeaderValue::from_static("")))
 }
 
 /// `x-proxy-attempts` and other small counts, without formatting one for every answer.
@@ -162,9 +164,11 @@ mod tests {
             assert_eq!(text, format!("{prefix:016x}{n:08x}"));
             assert_eq!(value.to_str().unwrap(), text);
         }
-        let (text, value) = generated_id(7, 1 << 40);
-        assert_eq!(text, format!("{:016x}{:08x}", 7, 1u64 << 40));
-        assert_eq!(value.to_str().unwrap(), text);
+        for n in [1 << 40, u64::MAX] {
+            let (text, value) = generated_id(7, n);
+            assert_eq!(text, format!("{:016x}{n:08x}", 7));
+            assert_eq!(value.to_str().unwrap(), text);
+        }
     }
 
     #[test]

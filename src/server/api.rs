@@ -146,10 +146,8 @@ async fn batch_api(
         }
     };
     record.status = response.status().as_u16();
-    if let Ok(id) = http::HeaderValue::from_str(&record.request_id) {
-        let name = crate::pipeline::headers::X_REQUEST_ID.clone();
-        response.headers_mut().insert(name, id);
-    }
+    let name = crate::pipeline::headers::X_REQUEST_ID.clone();
+    response.headers_mut().insert(name, ctx.request_id);
     if http_body::Body::is_end_stream(response.body()) {
         record.outcome = Outcome::Complete;
     }
