@@ -759,6 +759,12 @@ async fn closed_loop(
             tokio::spawn(async move {
                 let mut samples = Samples::default();
                 while next.fetch_add(1, Ordering::Relaxed) < requests {
+                    // hyper takes the next request once the connection has finished the last
+                    // exchange; sending before then fails with "connection was not ready".
+                    if sender.ready().await.is_err() {
+                        samples.errors += 1;
+                        break;
+                    }
                     let sent = Instant::now();
                     let ok = match sender.send_request(target.request(&body, None)).await {
                         Ok(response) => {
@@ -773,9 +779,6 @@ async fn closed_loop(
                         samples.requests += 1;
                     } else {
                         samples.errors += 1;
-                        if sender.ready().await.is_err() {
-                            break;
-                        }
                     }
                 }
                 (sender, samples)
@@ -813,6 +816,7 @@ async fn sse_round(
             let (target, body) = (target.clone(), body.clone());
             tokio::spawn(async move {
                 let mut samples = SseSamples::default();
+                sender.ready().await.unwrap();
                 let sent = Instant::now();
                 let response = sender
                     .send_request(target.request(&body, Some(spec)))

@@ -1,6 +1,6 @@
-//! Plain-HTTP upstream connections, which the request's own task drives: they are reused between
-//! requests, a connection the upstream closed while idle costs no request, a connection that
-//! cannot be reused is not, and a client that leaves or an idle timeout closes the connection.
+//! Plain-HTTP upstream connections as an upstream sees them: they are reused between requests, a
+//! connection the upstream closed while idle costs no request, a connection that cannot be
+//! reused is not, and a client that leaves or `pool_idle_timeout` closes the connection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
 

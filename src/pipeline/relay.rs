@@ -9,9 +9,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use crate::upstream::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::cache::StreamRecorder;
@@ -26,7 +26,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 /// A continuation of a broken stream: the next upstream body and the model serving it.
-pub type ResumeFuture = Pin<Box<dyn Future<Output = Option<(UpstreamBody, String)>> + Send>>;
+pub type ResumeFuture = Pin<Box<dyn Future<Output = Option<(Incoming, String)>> + Send>>;
 
 /// Starts the continuation of a broken stream given the answer text so far; `None` when no model
 /// is left to continue on.
@@ -57,7 +57,7 @@ enum Source {
 pub struct Relay {
     /// Frames read while deciding whether to fall back; they go out first.
     held: VecDeque<Bytes>,
-    body: UpstreamBody,
+    body: Incoming,
     /// Present for event streams.
     scanner: Option<Scanner>,
     /// A requested stream must end with the event that completes it in its shape (`data: [DONE]`,
@@ -76,7 +76,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
-        body: UpstreamBody,
+        body: Incoming,
         held: VecDeque<Bytes>,
         scanner: Option<Scanner>,
         idle_timeout: Duration,

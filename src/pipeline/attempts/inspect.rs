@@ -6,11 +6,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::upstream::UpstreamBody;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
 use super::resume::Continuation;
 use super::send::{Failure, Reason};
@@ -42,7 +42,7 @@ pub(super) async fn body(
     out: &Outbound<'_>,
     answer: Answer,
     headers: &mut HeaderMap,
-    body: UpstreamBody,
+    body: Incoming,
     record: &mut RequestRecord,
 ) -> Result<ProxyBody, Failure> {
     let content_type = headers
@@ -66,17 +66,13 @@ pub(super) async fn body(
     Ok(untouched(&answer, body))
 }
 
-fn untouched(answer: &Answer, body: UpstreamBody) -> ProxyBody {
+fn untouched(answer: &Answer, body: Incoming) -> ProxyBody {
     let idle = answer.idle;
     ProxyBody::relay(Relay::new(body, VecDeque::new(), None, idle))
 }
 
 /// An event stream, held back until its first content when a fallback is possible.
-async fn stream(
-    out: &Outbound<'_>,
-    answer: &Answer,
-    body: UpstreamBody,
-) -> Result<ProxyBody, Failure> {
+async fn stream(out: &Outbound<'_>, answer: &Answer, body: Incoming) -> Result<ProxyBody, Failure> {
     let timeout = answer.timeout;
     // Resuming appends the partial answer as an assistant message: chat streams only.
     let resumable = out.route.on_midstream == Midstream::Resume
@@ -105,7 +101,7 @@ async fn json(
     out: &Outbound<'_>,
     answer: &Answer,
     headers: &mut HeaderMap,
-    body: UpstreamBody,
+    body: Incoming,
     record: &mut RequestRecord,
 ) -> Result<ProxyBody, Failure> {
     let timeout = answer.timeout;
@@ -145,11 +141,11 @@ async fn json(
 /// (status, headers, keep-alive comments, the shape's preamble events), so that an error event in
 /// its place can still fall back invisibly. The moment content shows up, everything held goes out.
 async fn hold_until_content(
-    mut body: UpstreamBody,
+    mut body: Incoming,
     scanner: &mut Scanner,
     deadline: Instant,
     timeout: Duration,
-) -> Result<(VecDeque<Bytes>, UpstreamBody), Failure> {
+) -> Result<(VecDeque<Bytes>, Incoming), Failure> {
     let mut held = VecDeque::new();
     let mut held_bytes = 0;
     loop {
@@ -206,12 +202,12 @@ async fn hold_until_content(
 enum Bounded {
     Complete(Bytes),
     /// Over the inspection limit: what was read so far, and the rest still to come.
-    TooLarge(VecDeque<Bytes>, UpstreamBody),
+    TooLarge(VecDeque<Bytes>, Incoming),
 }
 
 /// Reads a non-streaming answer whole when it fits in `limit`.
 async fn read_bounded(
-    mut body: UpstreamBody,
+    mut body: Incoming,
     limit: usize,
     deadline: Instant,
     timeout: Duration,

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use crate::upstream::UpstreamBody;
 use http::header::{self, HeaderMap};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 
 use super::{inspect, Outbound};
 use crate::error::ProxyError;
@@ -182,7 +182,7 @@ async fn dispatch(
     sending: Sending<'_>,
     record: &mut RequestRecord,
     span: &mut Option<AttemptSpan>,
-) -> Result<(Response<UpstreamBody>, EndpointLoad), Failure> {
+) -> Result<(Response<Incoming>, EndpointLoad), Failure> {
     let Sending {
         upstream,
         model,
@@ -278,7 +278,7 @@ fn refused(status: u16) -> Option<&'static str> {
 
 /// The start of a failed answer's error message, for the attempt summary: bounded in size and
 /// time, since nothing of it reaches the client.
-async fn error_detail(body: UpstreamBody) -> String {
+async fn error_detail(body: Incoming) -> String {
     let read = Limited::new(body, 16 * 1024).collect();
     match tokio::time::timeout(Duration::from_secs(2), read).await {
         Ok(Ok(collected)) => {
@@ -308,11 +308,25 @@ pub(crate) async fn send(
     client: &UpstreamClient,
     request: Request<OutBody>,
     first_byte_timeout: Duration,
-) -> Result<Response<UpstreamBody>, Failure> {
+) -> Result<Response<Incoming>, Failure> {
     match tokio::time::timeout(first_byte_timeout, client.request(request)).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) if error.connect => Err(Failure::new(Reason::Connect, error.text)),
-        Ok(Err(error)) => Err(Failure::new(Reason::Transport, error.text)),
+        Ok(Err(error)) if error.is_connect() => {
+            Err(Failure::new(Reason::Connect, error_chain(&error)))
+        }
+        Ok(Err(error)) => Err(Failure::new(Reason::Transport, error_chain(&error))),
         Err(_) => Err(Failure::timed_out("no response", first_byte_timeout)),
     }
+}
+
+/// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

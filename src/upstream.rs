@@ -1,8 +1,5 @@
-//! The upstream client (rustls, HTTP/2 via ALPN and HTTP/1.1 for `https`; plain HTTP/1.1
-//! connections driven in the request's task for `http`) and where a request is sent: the client's
-//! path under `/v1`, checked, joined to `base_url`.
-
-mod direct;
+//! The pooled upstream client (rustls, HTTP/2 via ALPN and HTTP/1.1) and where a request is sent:
+//! the client's path under `/v1`, checked, joined to `base_url`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,75 +13,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use http::{Request, Response};
-
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 
-pub use direct::UpstreamBody;
-
-/// The client every attempt goes through; cheap to clone, shares its connection pools.
-#[derive(Clone)]
-pub struct UpstreamClient {
-    /// `https` upstreams: TLS, HTTP/2 where the host offers it, each connection in its own task.
-    pooled: Client<HttpsConnector<HttpConnector>, OutBody>,
-    /// `http` upstreams: HTTP/1.1 connections driven by the request that uses them.
-    direct: Arc<direct::Direct>,
-}
-
-impl UpstreamClient {
-    /// Sends `request` (absolute URI) and returns the answer's head once it has arrived.
-    pub async fn request(
-        &self,
-        request: Request<OutBody>,
-    ) -> Result<Response<UpstreamBody>, SendError> {
-        if request.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
-            return self.direct.request(request).await;
-        }
-        match self.pooled.request(request).await {
-            Ok(response) => Ok(response.map(UpstreamBody::pooled)),
-            Err(error) if error.is_connect() => Err(SendError::connect(error_chain(&error))),
-            Err(error) => Err(SendError::transport(error_chain(&error))),
-        }
-    }
-}
-
-/// Why an upstream request got no answer: no connection, or a connection that failed.
-#[derive(Debug)]
-pub struct SendError {
-    /// No connection could be made (nothing was sent).
-    pub connect: bool,
-    /// The error with its causes.
-    pub text: String,
-}
-
-impl SendError {
-    fn connect(text: String) -> SendError {
-        SendError {
-            connect: true,
-            text,
-        }
-    }
-
-    fn transport(text: String) -> SendError {
-        SendError {
-            connect: false,
-            text,
-        }
-    }
-}
-
-/// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// The client every attempt goes through; cheap to clone, shares one connection pool.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, OutBody>;
 
 /// A body streamed to the upstream as it arrives.
 pub type StreamedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
@@ -157,7 +90,6 @@ pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
     http.set_connect_timeout(Some(config.connect_timeout));
     http.set_keepalive(Some(Duration::from_secs(60)));
 
-    let direct = direct::Direct::new(http.clone(), config.pool_idle_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -165,13 +97,12 @@ pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
         .enable_http2()
         .wrap_connector(http);
 
-    let pooled = Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(1024)
-        .build(https);
-    Ok(UpstreamClient { pooled, direct })
+        .build(https))
 }
 
 pub use crate::config::BaseUrl;
