@@ -138,6 +138,13 @@ async fn read_request(socket: &mut TcpStream, buffer: &mut Vec<u8>) -> bool {
     }
 }
 
+/// An upstream in `mode` and the proxy in front of it, with `extra` config.
+async fn proxied(mode: Mode, extra: &str) -> (RawUpstream, TestProxy) {
+    let upstream = RawUpstream::start(mode).await;
+    let proxy = TestProxy::start_for(&upstream.url, extra).await;
+    (upstream, proxy)
+}
+
 async fn chat(proxy: &TestProxy) {
     let (status, _, body) = post_json(&proxy.url("/v1/chat/completions"), CHAT, &[]).await;
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
@@ -146,8 +153,7 @@ async fn chat(proxy: &TestProxy) {
 
 #[tokio::test]
 async fn sequential_requests_share_one_upstream_connection() {
-    let upstream = RawUpstream::start(Mode::KeepAlive).await;
-    let proxy = TestProxy::start_for(&upstream.url, "").await;
+    let (upstream, proxy) = proxied(Mode::KeepAlive, "").await;
     for _ in 0..10 {
         chat(&proxy).await;
     }
@@ -162,8 +168,7 @@ async fn sequential_requests_share_one_upstream_connection() {
 
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_costs_no_request() {
-    let upstream = RawUpstream::start(Mode::CloseSilently).await;
-    let proxy = TestProxy::start_for(&upstream.url, "").await;
+    let (upstream, proxy) = proxied(Mode::CloseSilently, "").await;
     for done in 1..=5 {
         chat(&proxy).await;
         // The upstream has closed the connection the proxy keeps before the next request.
@@ -179,8 +184,7 @@ async fn a_connection_the_upstream_closed_while_idle_costs_no_request() {
 
 #[tokio::test]
 async fn an_answer_with_connection_close_is_not_followed_on_its_connection() {
-    let upstream = RawUpstream::start(Mode::ConnectionClose).await;
-    let proxy = TestProxy::start_for(&upstream.url, "").await;
+    let (upstream, proxy) = proxied(Mode::ConnectionClose, "").await;
     for _ in 0..4 {
         chat(&proxy).await;
     }
@@ -190,8 +194,7 @@ async fn an_answer_with_connection_close_is_not_followed_on_its_connection() {
 
 #[tokio::test]
 async fn a_client_leaving_a_stream_closes_its_upstream_connection() {
-    let upstream = RawUpstream::start(Mode::Stream).await;
-    let proxy = TestProxy::start_for(&upstream.url, "").await;
+    let (upstream, proxy) = proxied(Mode::Stream, "").await;
     let request = http::Request::post(proxy.url("/v1/chat/completions"))
         .header("content-type", "application/json")
         .body(Full::new(bytes::Bytes::from_static(
@@ -213,9 +216,8 @@ async fn a_client_leaving_a_stream_closes_its_upstream_connection() {
 
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_pool_idle_timeout() {
-    let upstream = RawUpstream::start(Mode::KeepAlive).await;
-    let proxy =
-        TestProxy::start_for(&upstream.url, "[upstream]\npool_idle_timeout = \"200ms\"").await;
+    let (upstream, proxy) =
+        proxied(Mode::KeepAlive, "[upstream]\npool_idle_timeout = \"200ms\"").await;
     chat(&proxy).await;
     wait_until("the idle connection to close", || upstream.closed() == 1).await;
     // The next request opens a new connection and is answered.
