@@ -68,16 +68,6 @@ async fn read_response(stream: &mut TcpStream) -> (u16, String, String) {
     (status, head, body)
 }
 
-async fn chat_ok(proxy: &TestProxy) {
-    let (status, _, body) = post_json(
-        &proxy.url("/v1/chat/completions"),
-        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
-        &[],
-    )
-    .await;
-    assert_eq!(status, 200, "{body:?}");
-}
-
 #[tokio::test]
 async fn a_silent_connection_is_closed_after_the_head_timeout() {
     let upstream = MockUpstream::openai_like().await;

@@ -9,13 +9,11 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{chat_completion, client, post_json, wait_until, TestProxy};
+use common::{chat_completion, chat_ok, client, wait_until, TestProxy};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 
 /// What the upstream does on each connection.
 #[derive(Clone, Copy, PartialEq)]
@@ -145,9 +143,9 @@ async fn proxied(mode: Mode, extra: &str) -> (RawUpstream, TestProxy) {
     (upstream, proxy)
 }
 
+/// A chat request answered by the upstream (its answer says "hello").
 async fn chat(proxy: &TestProxy) {
-    let (status, _, body) = post_json(&proxy.url("/v1/chat/completions"), CHAT, &[]).await;
-    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let body = chat_ok(proxy).await;
     assert!(String::from_utf8_lossy(&body).contains("hello"));
 }
 

@@ -1008,6 +1008,18 @@ pub async fn chat_request(proxy: &TestProxy, body: &str) -> Response<Incoming> {
     .await
 }
 
+/// A one-message chat request through `proxy`, which must answer 200; the answer's body.
+pub async fn chat_ok(proxy: &TestProxy) -> Bytes {
+    let (status, _, body) = post_json(
+        &proxy.url("/v1/chat/completions"),
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "{body:?}");
+    body
+}
+
 /// Waits until `/readyz` on `admin` answers 503; fails the test if it never does.
 pub async fn wait_not_ready(admin: &str) {
     let url = format!("http://{admin}/readyz");
