@@ -145,10 +145,8 @@ static CREDENTIAL_HEADERS: [HeaderName; 3] = [
     HeaderName::from_static("api-key"),
 ];
 
-pub fn remove_credentials(headers: &mut HeaderMap) {
-    for name in &CREDENTIAL_HEADERS {
-        headers.remove(name);
-    }
+pub fn is_credential(name: &HeaderName) -> bool {
+    CREDENTIAL_HEADERS.contains(name)
 }
 
 /// A pass-through caller's own key: its `Authorization`, or its `x-api-key` (what Anthropic's

@@ -82,6 +82,12 @@ async fn injects_the_key_and_edits_headers() {
         ("x-hop", "1"),
         ("expect", "100-continue"),
         ("accept-encoding", "gzip"),
+        ("keep-alive", "timeout=5"),
+        ("proxy-connection", "keep-alive"),
+        ("x-api-key", "sk-client-should-not-pass"),
+        ("api-key", "sk-client-should-not-pass"),
+        ("x-multi", "a"),
+        ("x-multi", "b"),
     ];
     let body = r#"{"model":"fast","messages":[]}"#;
     let (status, _, _) = post_json(&proxy.url("/v1/chat/completions"), body, &client_headers).await;
@@ -110,6 +116,19 @@ async fn injects_the_key_and_edits_headers() {
     );
     assert!(sent.header("x-request-id").is_some());
     assert_eq!(sent.header("accept-encoding"), Some("identity"));
+    assert_eq!(sent.headers.get_all("accept-encoding").iter().count(), 1);
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "x-api-key",
+        "api-key",
+        "expect",
+    ] {
+        assert_eq!(sent.header(name), None, "{name} is not passed on");
+    }
+    let multi: Vec<_> = sent.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"], "every value of a header, in order");
 }
 
 #[tokio::test]

@@ -18,23 +18,64 @@ pub static X_CACHE_TIER: HeaderName = HeaderName::from_static("x-cache-tier");
 static IDENTITY: HeaderValue = HeaderValue::from_static("identity");
 
 /// The client's headers as every upstream should see them: hop-by-hop, `Host`, length and every
-/// credential header dropped, identity encoding asked for, the route's removals applied.
+/// credential header dropped, identity encoding asked for, the route's removals applied. Built in
+/// one pass over the client's headers, without a removal (a hash lookup each) per dropped name.
 pub fn for_upstream(client: &HeaderMap, route: &Route) -> HeaderMap {
-    let mut headers = client.clone();
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    crate::auth::remove_credentials(&mut headers);
+    let named = connection_named(client);
+    let mut headers = HeaderMap::with_capacity(client.len() + 1);
+    for (name, value) in client {
+        let dropped = hop_by_hop(name)
+            || NOT_FORWARDED.contains(name)
+            || crate::auth::is_credential(name)
+            || named.contains(name)
+            || route.remove_headers.contains(name);
+        if !dropped {
+            headers.append(name.clone(), value.clone());
+        }
+    }
     // Compressed answers could not be scanned for usage and errors on the way through, and on the
     // short hop compression buys nothing; without the header a server may compress anyway.
     headers.insert(header::ACCEPT_ENCODING, IDENTITY.clone());
-    // The body was read whole already, or is streamed by the proxy: the client's 100-continue
-    // handshake is over.
-    headers.remove(header::EXPECT);
-    for name in &route.remove_headers {
-        headers.remove(name);
-    }
     headers
+}
+
+/// Request headers that are the proxy's to set, not the client's: the host and length of the
+/// upstream request, and the encoding it asks for. The client's 100-continue handshake is over
+/// once the proxy reads the body.
+static NOT_FORWARDED: [HeaderName; 4] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::ACCEPT_ENCODING,
+    header::EXPECT,
+];
+
+/// Headers that describe one connection (RFC 9110, section 7.6.1), never passed on, besides those
+/// a `Connection` header names.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+fn hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// The headers a `Connection` header names; none (and nothing allocated) without one.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// The headers of one attempt: `base` (from [`for_upstream`]), then the upstream's own headers,
@@ -60,30 +101,17 @@ pub fn for_attempt(
     headers
 }
 
+/// Drops the hop-by-hop headers of an answer. Most answers have at most one, so the names are
+/// looked for in one pass before anything is removed.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
+    let mut gone = connection_named(headers);
+    gone.extend(headers.keys().filter(|name| hop_by_hop(name)).cloned());
+    for name in gone {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 /// A fresh request id, `prefix` then `n` in lower-case hex (16 and at least 8 digits): as text,
@@ -147,10 +175,19 @@ mod tests {
         );
         headers.insert("x-secret", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert("x-kept", HeaderValue::from_static("1"));
+        headers.append("x-kept", HeaderValue::from_static("2"));
         strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key("x-kept"));
+        assert_eq!(headers.len(), 2);
+        assert_eq!(headers.get_all("x-kept").iter().count(), 2);
+        // Without hop-by-hop headers, nothing changes.
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
     }
 
     #[test]
