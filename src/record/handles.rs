@@ -12,8 +12,9 @@ use super::metrics::{
 };
 
 /// Handles by one label value taken from requests (a route, a model, an upstream); each is made
-/// once through the registry. Model values are bounded by the caller (`model_label`).
-pub struct ByName<H>(RwLock<HashMap<Arc<str>, H>>);
+/// once through the registry. Model values are bounded by the caller (`model_label`), which is
+/// why the fast foldhash serves here, not SipHash: every request looks up several of these.
+pub struct ByName<H>(RwLock<HashMap<Arc<str>, H, foldhash::fast::RandomState>>);
 
 impl<H> Default for ByName<H> {
     fn default() -> Self {

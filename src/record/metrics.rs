@@ -234,7 +234,9 @@ const MAX_MODEL_LABEL_LEN: usize = 128;
 /// the limit stops new names only.
 #[derive(Default)]
 struct ModelLabels {
-    names: HashSet<Arc<str>>,
+    /// Looked up for every request: hashed with foldhash rather than SipHash. The set is bounded
+    /// (`max_model_labels`), so a client choosing colliding names cannot make it slow.
+    names: HashSet<Arc<str>, foldhash::fast::RandomState>,
     /// How many of `names` were admitted against the budget.
     unconfigured: usize,
 }
