@@ -17,6 +17,7 @@ pub mod record;
 pub mod redis;
 pub mod runtime;
 pub mod server;
+pub mod serving;
 pub mod shape;
 pub mod sse;
 pub mod telemetry;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use openrouter_proxy::config::LogFormat;
+use openrouter_proxy::server::Workers;
 use openrouter_proxy::Config;
 use openrouter_proxy::{serve_live, Listeners, LiveConfig, ReloadTrigger};
 use tracing_subscriber::EnvFilter;
@@ -153,27 +154,35 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(live.config());
-    // One thread (the default) runs everything on the current-thread scheduler: no hand-offs
-    // between workers on the request path, which is what a sidecar with a CPU or two wants.
-    let mut builder = match live.config().server.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(n);
-            builder
-        }
+    // One thread (the default) runs everything on one current-thread runtime: no hand-offs
+    // between threads on the request path, which is what a sidecar with a CPU or two wants.
+    // More threads each run a runtime of their own that client connections are spread over.
+    let threads = match live.config().server.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
     };
-    let runtime = match builder.enable_all().build() {
-        Ok(runtime) => runtime,
+    let started = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|runtime| {
+            let workers = (threads > 1)
+                .then(|| Workers::start(runtime.handle(), threads))
+                .transpose()?;
+            Ok((runtime, workers))
+        });
+    let (runtime, workers) = match started {
+        Ok(started) => started,
         Err(error) => {
             eprintln!("openrouter-proxy: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(run(live));
-    // The records of connections cut at the end are written as the runtime drops them: the last
+    // The records of connections cut at the end are written as the runtimes drop them: the last
     // access lines are flushed after that.
+    if let Some(workers) = workers {
+        workers.stop();
+    }
     drop(runtime);
     openrouter_proxy::record::access::flush();
     match result {

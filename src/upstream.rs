@@ -7,17 +7,34 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Request;
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
 
-/// The client every attempt goes through; cheap to clone, shares one connection pool.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, OutBody>;
+/// The client every attempt goes through; cheap to clone. It keeps one connection pool per
+/// serving runtime (see `serving`) and sends each request from the pool of the runtime it runs
+/// on, so an upstream connection is driven by the thread whose requests use it.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pools: Arc<[PooledClient]>,
+}
+
+type PooledClient = Client<HttpsConnector<HttpConnector>, OutBody>;
+
+impl UpstreamClient {
+    /// Sends `request` on a connection of the calling runtime's pool.
+    pub fn request(&self, request: Request<OutBody>) -> ResponseFuture {
+        let pools = &self.pools;
+        let pool = pools.get(crate::serving::current()).unwrap_or(&pools[0]);
+        pool.request(request)
+    }
+}
 
 /// A body streamed to the upstream as it arrives.
 pub type StreamedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
@@ -67,7 +84,7 @@ impl Body for OutBody {
     }
 }
 
-/// Builds the pooled client. TLS certificates are always verified, against the bundled webpki roots
+/// Builds the pooled client, a pool for each serving runtime. TLS certificates are always verified, against the bundled webpki roots
 /// plus the system's roots where it has any.
 pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
     let mut roots = rustls::RootCertStore::empty();
@@ -97,12 +114,16 @@ pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
         .enable_http2()
         .wrap_connector(http);
 
-    Ok(Client::builder(TokioExecutor::new())
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(1024)
-        .build(https))
+        .pool_max_idle_per_host(1024);
+    let pools = (0..crate::serving::count())
+        .map(|_| builder.build(https.clone()))
+        .collect();
+    Ok(UpstreamClient { pools })
 }
 
 pub use crate::config::BaseUrl;

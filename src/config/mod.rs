@@ -98,7 +98,8 @@ pub struct ServerConfig {
     /// Concurrent streams per HTTP/2 client connection.
     pub http2_max_concurrent_streams: u32,
     /// Threads serving requests: 1 runs everything on one thread (least overhead per request,
-    /// suits a sidecar), N > 1 uses N worker threads, 0 one per CPU core (a shared gateway).
+    /// suits a sidecar), N > 1 runs N threads with an event loop and upstream connections each,
+    /// client connections spread over them, 0 one per CPU core (a shared gateway).
     pub worker_threads: usize,
     /// Inbound tokens: when any is configured, every request must carry one as
     /// `Authorization: Bearer <token>` (what OpenAI SDKs send as their `api_key`).

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -14,6 +14,9 @@ pub mod admin;
 mod api;
 mod connection;
 mod version;
+mod workers;
+
+pub use workers::Workers;
 
 use crate::batch::{BatchService, RedisStore};
 use crate::config::ServerConfig;
@@ -61,6 +64,7 @@ pub async fn run(
             move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
         let listener = Accept {
             name: "admin",
+            spread: false,
             max_connections: settings.admin_max_connections,
             policy: policy(&settings, admin_drain),
             builder: builder(&settings),
@@ -82,6 +86,7 @@ pub async fn run(
         let handle = move |request| api::handle(api.clone(), request);
         let listener = Accept {
             name: "api",
+            spread: true,
             max_connections: settings.max_connections,
             policy: policy(&settings, drain_rx),
             builder: builder(&settings),
@@ -215,6 +220,8 @@ fn builder(settings: &ServerConfig) -> version::Builders {
 /// One listener's accept loop.
 struct Accept {
     name: &'static str,
+    /// Whether connections are spread over the serving runtimes (else served on this one).
+    spread: bool,
     max_connections: usize,
     policy: ConnPolicy,
     builder: version::Builders,
@@ -273,18 +280,56 @@ impl Accept {
             };
             let _ = stream.set_nodelay(true);
             while connections.try_join_next().is_some() {}
-            let served = crate::server::connection::serve(
-                stream,
-                self.builder.clone(),
-                self.policy.clone(),
-                handle.clone(),
-            );
-            connections.spawn(async move {
-                served.await;
-                drop(permit);
-            });
+            let (builder, policy, handle) =
+                (self.builder.clone(), self.policy.clone(), handle.clone());
+            let serve = move |stream| {
+                let served = crate::server::connection::serve(stream, builder, policy, handle);
+                async move {
+                    served.await;
+                    drop(permit);
+                }
+            };
+            match self.spread.then(crate::serving::place).flatten() {
+                Some((runtime, placed)) => {
+                    spawn_on(&mut connections, &runtime, placed, stream, serve)
+                }
+                None => {
+                    connections.spawn(serve(stream));
+                }
+            }
         }
         pressure.lower();
         connections
     }
+}
+
+/// Serves `stream` on another serving runtime, counted there (`placed`) while it is open. The
+/// socket leaves this runtime's event loop and joins that one's.
+fn spawn_on<S, F>(
+    connections: &mut JoinSet<()>,
+    runtime: &tokio::runtime::Handle,
+    placed: crate::serving::Placed,
+    stream: TcpStream,
+    serve: S,
+) where
+    S: FnOnce(TcpStream) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(%error, "cannot hand a connection to another thread");
+            return;
+        }
+    };
+    connections.spawn_on(
+        async move {
+            let _placed = placed;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(error) => tracing::warn!(%error, "cannot serve a handed-over connection"),
+            }
+        },
+        runtime,
+    );
 }
