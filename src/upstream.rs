@@ -29,6 +29,7 @@ type PooledClient = Client<HttpsConnector<HttpConnector>, OutBody>;
 
 impl UpstreamClient {
     /// Sends `request` on a connection of the calling runtime's pool.
+    #[inline]
     pub fn request(&self, request: Request<OutBody>) -> ResponseFuture {
         let pools = &self.pools;
         let pool = pools.get(crate::serving::current()).unwrap_or(&pools[0]);
