@@ -69,6 +69,13 @@ pub fn place() -> Option<(Handle, Placed)> {
 /// One client connection counted on a serving runtime.
 pub struct Placed(usize);
 
+impl Placed {
+    /// Whether the connection was placed on the runtime the calling thread drives.
+    pub fn is_here(&self) -> bool {
+        self.0 == current()
+    }
+}
+
 impl Drop for Placed {
     fn drop(&mut self) {
         if let Some(runtime) = RUNTIMES.get().and_then(|r| r.get(self.0)) {

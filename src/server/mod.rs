@@ -55,27 +55,10 @@ pub async fn run(
     let live = Arc::new(AtomicUsize::new(0));
     let batch = start_batch(&shared, &keys, &live)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    // The admin port keeps answering while the API drains, so probes see the 503 readiness; its
-    // connections end with `run` itself (the drain sender dropped, the task aborted).
-    let (_admin_drain, admin_drain) = watch::channel(false);
-    let admin = {
-        let (shared, reloads) = (shared.clone(), reloads);
-        let handle =
-            move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
-        let listener = Accept {
-            name: "admin",
-            spread: false,
-            max_connections: settings.admin_max_connections,
-            policy: policy(&settings, admin_drain),
-            builder: builder(&settings),
-        };
-        tokio::spawn(async move {
-            // Never stopped: the task is aborted when `run` ends, and its connections with it.
-            let (_keep, never) = watch::channel(false);
-            let _connections = listener.run(listeners.admin, never, handle).await;
-        })
-    };
+    let admin = spawn_admin(&shared, reloads, &settings, listeners.admin);
     let (drain_tx, drain_rx) = watch::channel(false);
+    let api_policy = policy(&settings, drain_rx);
+    let api_pressure = api_policy.pressure.clone();
     let api = {
         let api = Arc::new(api::Api {
             shared: shared.clone(),
@@ -88,7 +71,7 @@ pub async fn run(
             name: "api",
             spread: true,
             max_connections: settings.max_connections,
-            policy: policy(&settings, drain_rx),
+            policy: api_policy,
             builder: builder(&settings),
         };
         tokio::spawn(listener.run(listeners.api, stop_rx, handle))
@@ -114,9 +97,41 @@ pub async fn run(
         }
     };
     let _ = drain_tx.send(true);
+    // Connections busy now close after their last answer: raised pressure wakes each one as its
+    // last request ends (the accept loop, which lowers it, has stopped).
+    api_pressure.raise();
     drain(connections, batch.as_deref(), settings.shutdown_grace).await;
     admin.abort();
     Ok(())
+}
+
+/// The admin listener's accept loop. The admin port keeps answering while the API drains, so
+/// probes see the 503 readiness; its connections end when the returned task is aborted (when
+/// `run` ends).
+fn spawn_admin(
+    shared: &Arc<Shared>,
+    reloads: Arc<ReloadLog>,
+    settings: &ServerConfig,
+    listener: TcpListener,
+) -> tokio::task::JoinHandle<()> {
+    let shared = shared.clone();
+    let handle =
+        move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
+    // Never drained: the connections end with the task.
+    let (keep_drain, admin_drain) = watch::channel(false);
+    let accept = Accept {
+        name: "admin",
+        spread: false,
+        max_connections: settings.admin_max_connections,
+        policy: policy(settings, admin_drain),
+        builder: builder(settings),
+    };
+    tokio::spawn(async move {
+        // Never stopped: the task is aborted when `run` ends, and its connections with it.
+        let (_keep, never) = watch::channel(false);
+        let _keep_drain = keep_drain;
+        let _connections = accept.run(listener, never, handle).await;
+    })
 }
 
 /// How often the runtime's time driver is woken by a timer of its own, at most.
@@ -303,8 +318,8 @@ impl Accept {
     }
 }
 
-/// Serves `stream` on another serving runtime, counted there (`placed`) while it is open. The
-/// socket leaves this runtime's event loop and joins that one's.
+/// Serves `stream` on the serving runtime it was placed on, counted there (`placed`) while it is
+/// open. On another runtime, the socket leaves this runtime's event loop and joins that one's.
 fn spawn_on<S, F>(
     connections: &mut JoinSet<()>,
     runtime: &tokio::runtime::Handle,
@@ -315,6 +330,13 @@ fn spawn_on<S, F>(
     S: FnOnce(TcpStream) -> F + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
+    if placed.is_here() {
+        connections.spawn(async move {
+            let _placed = placed;
+            serve(stream).await;
+        });
+        return;
+    }
     let stream = match stream.into_std() {
         Ok(stream) => stream,
         Err(error) => {
