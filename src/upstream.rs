@@ -85,8 +85,8 @@ impl Body for OutBody {
     }
 }
 
-/// Builds the pooled client, a pool for each serving runtime. TLS certificates are always verified, against the bundled webpki roots
-/// plus the system's roots where it has any.
+/// Builds the pooled client, a pool for each serving runtime. TLS certificates are always
+/// verified, against the bundled webpki roots plus the system's roots where it has any.
 pub fn client(config: &UpstreamConfig) -> Result<UpstreamClient, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

@@ -117,19 +117,17 @@ fn spawn_admin(
     let shared = shared.clone();
     let handle =
         move |request| crate::server::admin::handle(shared.clone(), reloads.clone(), request);
-    // Never drained: the connections end with the task.
-    let (keep_drain, admin_drain) = watch::channel(false);
+    // Never stopped nor drained: the task is aborted when `run` ends, and its connections with it.
+    let (keep, never) = watch::channel(false);
     let accept = Accept {
         name: "admin",
         spread: false,
         max_connections: settings.admin_max_connections,
-        policy: policy(settings, admin_drain),
+        policy: policy(settings, never.clone()),
         builder: builder(settings),
     };
     tokio::spawn(async move {
-        // Never stopped: the task is aborted when `run` ends, and its connections with it.
-        let (_keep, never) = watch::channel(false);
-        let _keep_drain = keep_drain;
+        let _keep = keep;
         let _connections = accept.run(listener, never, handle).await;
     })
 }
